@@ -1,0 +1,34 @@
+# ATM Gateway: `make run` serves, `make test` tests, `make bench` measures.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test test-fast bench lint typecheck openapi clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/atm serve --host $${ATM_HOST:-127.0.0.1} --port $${ATM_PORT:-8080}
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway mappings orchestration tests bench tools
+	$(BIN)/mypy
+
+openapi: $(STAMP)
+	$(BIN)/python -m gateway.openapi_dump > openapi/openapi.json
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

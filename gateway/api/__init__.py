@@ -1,0 +1,1 @@
+"""HTTP: FastAPI routers that turn requests into FHIR interactions and back."""

@@ -1,0 +1,113 @@
+"""The FHIR REST surface under /fhir: every route parses HTTP into a FhirRequest and hands
+it to the service router in a worker thread (the store is synchronous)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from gateway.api.http import FHIR_JSON_UTF8, base_url, check_accept, read_body
+from gateway.services.context import Context, FhirRequest
+from gateway.services.router import dispatch
+from gateway.store.repository import Actor
+
+router = APIRouter(prefix="/fhir")
+
+_TYPE = {"name": "type", "in": "path", "required": True, "schema": {"type": "string"},
+         "description": "A FHIR R4 resource type, e.g. Task"}
+_ID = {"name": "id", "in": "path", "required": True,
+       "schema": {"type": "string", "pattern": "^[A-Za-z0-9\\-.]{1,64}$"}}
+_VID = {"name": "vid", "in": "path", "required": True, "schema": {"type": "string"}}
+_RESOURCE_BODY = {"required": True, "content": {"application/fhir+json": {
+    "schema": {"$ref": "#/components/schemas/Resource"}}}}
+_PATCH_BODY = {"required": True, "content": {"application/json-patch+json": {
+    "schema": {"type": "array", "items": {"type": "object"}}}}}
+_FORM_BODY = {"content": {"application/x-www-form-urlencoded": {"schema": {"type": "object"}}}}
+_HEADERS = {
+    "If-Match": "Update only if the current version has this ETag (W/\"n\"); else 412",
+    "If-None-Exist": "Conditional create: search criteria, e.g. identifier=urn:x|1",
+    "If-None-Match": "Read: 304 when the current version has this ETag",
+    "If-Modified-Since": "Read: 304 when not modified since this HTTP date",
+    "Prefer": "return=minimal|representation|OperationOutcome, handling=strict|lenient",
+}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "default": {"description": "An OperationOutcome describing the error",
+                "content": {"application/fhir+json": {
+                    "schema": {"$ref": "#/components/schemas/Resource"}}}},
+}
+
+
+async def handle(request: Request) -> Response:
+    """The single bridge from HTTP to the FHIR services."""
+    settings = request.app.state.settings
+    check_accept(request)
+    body = await read_body(request, settings.max_body_bytes)
+    path = request.url.path[len("/fhir"):].lstrip("/")
+    fhir_request = FhirRequest(
+        method=request.method, path=path, query=request.query_params.multi_items(),
+        headers={k.decode("latin-1"): v.decode("latin-1") for k, v in request.scope["headers"]},
+        body=body, content_type=request.headers.get("content-type"))
+    ctx = Context(db=request.app.state.db, settings=settings, base_url=base_url(request),
+                  actor=Actor(request_id=request.state.request_id))
+    result = await run_in_threadpool(dispatch, ctx, fhir_request)
+    headers = result.headers
+    if result.body is None:
+        return Response(status_code=result.status, headers=headers)
+    return Response(result.body, result.status, headers, media_type=FHIR_JSON_UTF8)
+
+
+def _route(path: str, methods: list[str], summary: str, *, params: list[dict[str, Any]],
+           body: dict[str, Any] | None = None, headers: tuple[str, ...] = ()) -> None:
+    parameters = [*params, *({"name": h, "in": "header", "required": False,
+                              "schema": {"type": "string"}, "description": _HEADERS[h]}
+                             for h in headers)]
+    extra: dict[str, Any] = {"parameters": parameters}
+    if body:
+        extra["requestBody"] = body
+    for method in methods:
+        router.add_api_route(
+            path, handle, methods=[method], summary=f"{summary}" if len(methods) == 1
+            else f"{summary} ({method})", operation_id=f"{method.lower()}_{_op_name(path)}",
+            openapi_extra=extra, responses=_RESPONSES, response_class=Response,
+            include_in_schema=True)
+
+
+def _op_name(path: str) -> str:
+    cleaned = path.strip("/").replace("{", "").replace("}", "").replace("$", "op_")
+    return cleaned.replace("/", "_").replace(".", "_") or "base"
+
+
+def register(app: FastAPI) -> None:
+    no_params: list[dict[str, Any]] = []
+    _route("/metadata", ["GET"], "CapabilityStatement", params=no_params)
+    _route("", ["POST"], "batch or transaction Bundle", params=no_params,
+           body=_RESOURCE_BODY, headers=("Prefer",))
+    _route("", ["GET"], "search-system (_id, _lastUpdated)", params=no_params)
+    _route("/_history", ["GET"], "history-system", params=no_params)
+    _route("/_search", ["POST"], "search-system by form", params=no_params, body=_FORM_BODY)
+    _route("/{type}", ["GET"], "search-type", params=[_TYPE], headers=("Prefer",))
+    _route("/{type}", ["POST"], "create (If-None-Exist: conditional create)", params=[_TYPE],
+           body=_RESOURCE_BODY, headers=("If-None-Exist", "Prefer"))
+    _route("/{type}", ["PUT"], "conditional update", params=[_TYPE], body=_RESOURCE_BODY,
+           headers=("If-Match", "Prefer"))
+    _route("/{type}", ["PATCH"], "conditional patch (JSON Patch)", params=[_TYPE],
+           body=_PATCH_BODY, headers=("If-Match", "Prefer"))
+    _route("/{type}", ["DELETE"], "conditional delete (single match)", params=[_TYPE])
+    _route("/{type}/_search", ["POST"], "search-type by form", params=[_TYPE], body=_FORM_BODY)
+    _route("/{type}/_history", ["GET"], "history-type", params=[_TYPE])
+    _route("/{type}/$validate", ["POST"], "$validate", params=[_TYPE], body=_RESOURCE_BODY)
+    _route("/{type}/{id}", ["GET"], "read", params=[_TYPE, _ID],
+           headers=("If-None-Match", "If-Modified-Since"))
+    _route("/{type}/{id}", ["PUT"], "update (creates with the client's id)",
+           params=[_TYPE, _ID], body=_RESOURCE_BODY, headers=("If-Match", "Prefer"))
+    _route("/{type}/{id}", ["PATCH"], "patch (JSON Patch)", params=[_TYPE, _ID],
+           body=_PATCH_BODY, headers=("If-Match", "Prefer"))
+    _route("/{type}/{id}", ["DELETE"], "delete", params=[_TYPE, _ID], headers=("If-Match",))
+    _route("/{type}/{id}/_history", ["GET"], "history-instance", params=[_TYPE, _ID])
+    _route("/{type}/{id}/_history/{vid}", ["GET"], "vread", params=[_TYPE, _ID, _VID])
+    _route("/{type}/{id}/$validate", ["POST"], "$validate an instance", params=[_TYPE, _ID],
+           body=_RESOURCE_BODY)
+    app.include_router(router)

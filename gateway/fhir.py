@@ -1,0 +1,129 @@
+"""The one module that imports fhir.resources: R4B models, used to validate R4 resources.
+
+We speak FHIR R4 (4.0.1) on the wire; the R4B models are identical to R4 for the
+resources this product uses. Models are imported lazily, one resource type at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+from gateway.errors import Issue
+
+FHIR_VERSION = "4.0.1"
+_TABLE = Path(__file__).parent / "r4_definitions.json"
+
+
+@cache
+def definitions() -> dict[str, Any]:
+    """Resource types, search parameters and required codes of FHIR R4 (generated table)."""
+    return json.loads(_TABLE.read_text())  # type: ignore[no-any-return]
+
+
+@cache
+def r4_resource_types() -> frozenset[str]:
+    """The R4 resource types that also have an R4B model (those we can validate)."""
+    return frozenset(n for n in definitions()["resourceTypes"] if _model(n) is not None)
+
+
+@cache
+def _required_codes(resource_type: str) -> tuple[tuple[tuple[str, ...], frozenset[str]], ...]:
+    prefix = resource_type + "."
+    return tuple(
+        (tuple(path[len(prefix):].split(".")), frozenset(codes))
+        for path, codes in definitions()["requiredCodes"].items()
+        if path.startswith(prefix)
+    )
+
+
+def _values_at(node: Any, path: tuple[str, ...], where: str) -> list[tuple[str, Any]]:
+    if not path:
+        return [(where, node)]
+    found: list[tuple[str, Any]] = []
+    items = node if isinstance(node, list) else [node]
+    for index, item in enumerate(items):
+        at = f"{where}[{index}]" if isinstance(node, list) else where
+        if isinstance(item, dict) and path[0] in item:
+            found.extend(_values_at(item[path[0]], path[1:], f"{at}.{path[0]}"))
+    return found
+
+
+def _check_required_codes(resource: dict[str, Any]) -> list[Issue]:
+    """Codes bound to a required value set (Task.status…) must come from that value set."""
+    issues = []
+    for path, allowed in _required_codes(resource["resourceType"]):
+        for where, value in _values_at(resource, path, resource["resourceType"]):
+            for code in value if isinstance(value, list) else [value]:
+                if isinstance(code, str) and code not in allowed:
+                    issues.append(Issue(
+                        "code-invalid", f"'{code}' is not one of: {', '.join(sorted(allowed))}",
+                        expression=(where,)))
+    return issues
+
+
+@cache
+def _model(resource_type: str) -> Any:
+    try:
+        return get_fhir_model_class(resource_type)
+    except (KeyError, ValueError, ImportError, AttributeError):
+        return None
+
+
+def is_resource_type(name: str) -> bool:
+    return name in r4_resource_types()
+
+
+def _expression(resource_type: str, loc: tuple[int | str, ...]) -> str:
+    parts = [resource_type]
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1] = f"{parts[-1]}[{item}]"
+        elif item not in ("__root__",) and not item.startswith("function-"):
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def validate(resource: dict[str, Any]) -> list[Issue]:
+    """Validate a resource dict against its model; return one Issue per problem."""
+    resource_type = resource.get("resourceType")
+    model = _model(resource_type) if isinstance(resource_type, str) else None
+    if model is None or resource_type not in r4_resource_types():
+        return [Issue("not-supported", f"Unknown resource type '{resource_type}'",
+                      expression=("resourceType",))]
+    try:
+        model.model_validate(resource)
+    except ValidationError as exc:
+        return [
+            Issue("invalid", err["msg"], expression=(_expression(resource_type, err["loc"]),))
+            for err in exc.errors(include_url=False, include_context=False, include_input=False)
+        ]
+    except (ValueError, TypeError) as exc:
+        return [Issue("invalid", f"Invalid {resource_type}: {type(exc).__name__}",
+                      expression=(resource_type,))]
+    return _check_required_codes(resource)
+
+
+def warm_up(resource_types: tuple[str, ...] = ("Task", "Patient", "CarePlan", "Bundle")) -> None:
+    """Import and exercise the hottest models so the first request is not slow."""
+    for name in resource_types:
+        validate({"resourceType": name})
+
+
+@cache
+def element_sets(resource_type: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(summary elements, mandatory elements) of a type, as JSON property names."""
+    summary, mandatory = set(), set()
+    for name, info in _model(resource_type).model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        alias = info.alias or name
+        if extra.get("summary_element_property"):
+            summary.add(alias)
+        if extra.get("element_required"):
+            mandatory.add(alias)
+    return frozenset(summary), frozenset(mandatory)

@@ -1,0 +1,87 @@
+"""The CapabilityStatement at /metadata: what this server really supports.
+
+https://hl7.org/fhir/R4/capabilitystatement.html. Built from the same tables the
+server runs on (resource types, search parameters), so it cannot drift from them.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+from gateway import __version__, jsonio
+from gateway.fhir import FHIR_VERSION, r4_resource_types
+from gateway.services.context import Context, FhirRequest, FhirResponse
+from gateway.store.search_params import TABLE_PARAMS, params_for
+
+SP_BASE = "http://hl7.org/fhir/SearchParameter"
+TYPE_INTERACTIONS = ["read", "vread", "update", "patch", "delete", "history-instance",
+                     "history-type", "create", "search-type"]
+STARTED = datetime.now(UTC).date().isoformat()
+RESULT_PARAMS = ["_count", "_sort", "_include", "_revinclude", "_summary", "_elements",
+                 "_total", "_has"]
+
+
+def _search_params(resource_type: str) -> list[dict[str, Any]]:
+    out = [{"name": "_id", "type": "token", "definition": f"{SP_BASE}/Resource-id"},
+           {"name": "_lastUpdated", "type": "date",
+            "definition": f"{SP_BASE}/Resource-lastUpdated"}]
+    for code, param in params_for(resource_type).items():
+        if code in TABLE_PARAMS:
+            continue
+        owner = "Resource" if code.startswith("_") else resource_type
+        out.append({"name": code, "type": param.type,
+                    "definition": f"{SP_BASE}/{owner}-{code.lstrip('_')}"})
+    return out
+
+
+def _resource(resource_type: str) -> dict[str, Any]:
+    refs = [c for c, p in params_for(resource_type).items() if p.type == "reference"]
+    return {
+        "type": resource_type,
+        "profile": f"http://hl7.org/fhir/StructureDefinition/{resource_type}",
+        "interaction": [{"code": c} for c in TYPE_INTERACTIONS],
+        "versioning": "versioned-update",
+        "readHistory": True,
+        "updateCreate": True,
+        "conditionalCreate": True,
+        "conditionalRead": "full-support",
+        "conditionalUpdate": True,
+        "conditionalDelete": "single",
+        "referencePolicy": ["literal", "logical"],
+        "searchInclude": [f"{resource_type}:{c}" for c in refs],
+        "searchRevInclude": [],
+        "searchParam": _search_params(resource_type),
+        "operation": [{"name": "validate",
+                       "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}],
+    }
+
+
+@lru_cache(maxsize=8)
+def capability_statement(base_url: str, software_date: str) -> bytes:
+    statement = {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": software_date,
+        "publisher": "ATM Gateway",
+        "kind": "instance",
+        "software": {"name": "ATM Gateway", "version": __version__},
+        "implementation": {"description": "ATM Gateway FHIR R4 server", "url": base_url},
+        "fhirVersion": FHIR_VERSION,
+        "format": ["application/fhir+json", "json"],
+        "patchFormat": ["application/json-patch+json"],
+        "rest": [{
+            "mode": "server",
+            "resource": [_resource(t) for t in sorted(r4_resource_types())],
+            "interaction": [{"code": c} for c in ("transaction", "batch", "search-system",
+                                                  "history-system")],
+            "searchParam": [{"name": n, "type": "special" if n == "_has" else "string"}
+                            for n in RESULT_PARAMS],
+        }],
+    }
+    return jsonio.dumps(statement)
+
+
+def capability_response(ctx: Context, request: FhirRequest) -> FhirResponse:
+    return FhirResponse(200, capability_statement(ctx.base_url, STARTED))

@@ -1,0 +1,257 @@
+"""Instance and type interactions: create, read, vread, update, patch, delete (+ conditional).
+
+https://hl7.org/fhir/R4/http.html
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jsonpatch
+
+from gateway import jsonio
+from gateway.errors import (
+    ConflictError,
+    GoneError,
+    InvalidError,
+    MultipleMatchesError,
+    NotFoundError,
+    PreconditionFailedError,
+    UnsupportedMediaTypeError,
+)
+from gateway.services.context import Context, FhirRequest, FhirResponse
+from gateway.services.resources import body_json, check_id, valid_resource
+from gateway.services.responses import outcome_bytes, version_headers, written
+from gateway.services.search import match_ids
+from gateway.store.repository import Repository, Version, new_id
+from gateway.store.timeparse import parse_http_date
+
+JSON_PATCH = "application/json-patch+json"
+
+
+def parse_etag(value: str | None) -> int | None:
+    """If-Match takes W/"3", "3" or a bare 3."""
+    if value is None:
+        return None
+    text = value.strip()
+    text = text[2:] if text.startswith(("W/", "w/")) else text
+    text = text.strip('"')
+    if not text.isdigit():
+        raise InvalidError(f"Malformed ETag '{value}': expected W/\"<version>\"")
+    return int(text)
+
+
+def _criteria(request: FhirRequest, raw: str | None = None) -> list[tuple[str, str]]:
+    from urllib.parse import parse_qsl
+
+    pairs = parse_qsl(raw, keep_blank_values=True) if raw is not None else request.query
+    if not pairs:
+        raise PreconditionFailedError("A conditional interaction needs search criteria")
+    return pairs
+
+
+def _canonical_criteria(pairs: list[tuple[str, str]]) -> str:
+    return "&".join(f"{k}={v}" for k, v in sorted(pairs))
+
+
+# -- create ------------------------------------------------------------------------
+def create(ctx: Context, request: FhirRequest, resource_type: str) -> FhirResponse:
+    resource = valid_resource(body_json(request), resource_type)
+    if_none_exist = request.header("if-none-exist")
+    with ctx.writing() as repo:
+        if if_none_exist is None:
+            version = repo.create(resource, request.assigned_id)
+            return written(ctx, request, version, 201, f"Created {version.reference}")
+        return _conditional_create(ctx, request, repo, resource, _criteria(request, if_none_exist))
+
+
+def _conditional_create(ctx: Context, request: FhirRequest, repo: Repository,
+                        resource: dict[str, Any], criteria: list[tuple[str, str]]) -> FhirResponse:
+    """If-None-Exist: one match → 200 with it; none → create; several → 412.
+
+    The criteria are claimed with a unique key in the same transaction, so two racing
+    requests with the same criteria cannot both create.
+    """
+    resource_type = resource["resourceType"]
+    key, resource_id = _canonical_criteria(criteria), request.assigned_id or new_id()
+    for _ in range(3):
+        ids = match_ids(ctx, repo, resource_type, criteria, limit=2)
+        if len(ids) > 1:
+            raise MultipleMatchesError(f"If-None-Exist matched several {resource_type} resources")
+        if ids:
+            return _existing(ctx, request, repo, resource_type, ids[0])
+        owner = repo.criteria_owner(resource_type, key)
+        if repo.claim_criteria(resource_type, key, resource_id, stale_id=owner):
+            version = repo.create(resource, resource_id)
+            return written(ctx, request, version, 201, f"Created {version.reference}")
+        # Lost the race: the winner has committed, so searching again finds its resource.
+    raise ConflictError(f"Another request is creating a {resource_type} with the same "
+                        "If-None-Exist criteria: retry")
+
+
+def _existing(ctx: Context, request: FhirRequest, repo: Repository, resource_type: str,
+              resource_id: str) -> FhirResponse:
+    version = repo.read(resource_type, resource_id)
+    assert version is not None
+    return written(ctx, request, version, 200, f"{version.reference} already exists")
+
+
+# -- read ---------------------------------------------------------------------------
+def read(ctx: Context, request: FhirRequest, resource_type: str, resource_id: str) -> FhirResponse:
+    with ctx.reading() as repo:
+        version = repo.read(resource_type, resource_id)
+    return _serve(ctx, request, version, f"{resource_type}/{resource_id}")
+
+
+def vread(ctx: Context, request: FhirRequest, resource_type: str, resource_id: str,
+          version_id: str) -> FhirResponse:
+    if not version_id.isdigit():
+        raise NotFoundError(f"{resource_type}/{resource_id} has no version '{version_id}'")
+    with ctx.reading() as repo:
+        version = repo.vread(resource_type, resource_id, int(version_id))
+    return _serve(ctx, request, version, f"{resource_type}/{resource_id}/_history/{version_id}")
+
+
+def _serve(ctx: Context, request: FhirRequest, version: Version | None,
+           what: str) -> FhirResponse:
+    if version is None:
+        raise NotFoundError(f"{what} is not known")
+    headers = version_headers(ctx, version)
+    if version.deleted:
+        raise GoneError(f"{what} was deleted", headers=headers)
+    if_none_match = request.header("if-none-match")
+    if if_none_match and _etag_listed(if_none_match, version.version):
+        return FhirResponse(304, None, headers)
+    since = parse_http_date(request.header("if-modified-since") or "")
+    if since is not None and version.last_updated // 1_000_000 <= since // 1_000_000:
+        return FhirResponse(304, None, headers)
+    return FhirResponse(200, version.content, headers)
+
+
+def _etag_listed(header: str, version: int) -> bool:
+    tags = [t.strip() for t in header.split(",")]
+    return "*" in tags or any(_safe_etag(t) == version for t in tags)
+
+
+def _safe_etag(tag: str) -> int | None:
+    try:
+        return parse_etag(tag)
+    except InvalidError:
+        return None
+
+
+# -- update ---------------------------------------------------------------------------
+def update(ctx: Context, request: FhirRequest, resource_type: str,
+           resource_id: str) -> FhirResponse:
+    check_id(resource_id)
+    resource = valid_resource(body_json(request), resource_type, resource_id)
+    expected = parse_etag(request.header("if-match"))
+    with ctx.writing() as repo:
+        version, created = repo.update(resource, resource_id, expected_version=expected)
+    return written(ctx, request, version, 201 if created else 200,
+                   f"{'Created' if created else 'Updated'} {version.reference}")
+
+
+def conditional_update(ctx: Context, request: FhirRequest, resource_type: str) -> FhirResponse:
+    data = body_json(request)
+    criteria = _criteria(request)
+    expected = parse_etag(request.header("if-match"))
+    with ctx.writing() as repo:
+        ids = match_ids(ctx, repo, resource_type, criteria, limit=2)
+        if len(ids) > 1:
+            raise MultipleMatchesError(f"The criteria matched several {resource_type} resources")
+        if not ids:
+            body_id = data.get("id") if isinstance(data, dict) else None
+            resource = valid_resource(data, resource_type, body_id)
+            if body_id is not None:
+                check_id(body_id)
+                version, _ = repo.update(resource, body_id, expected_version=expected)
+            else:
+                version = repo.create(resource, request.assigned_id)
+            return written(ctx, request, version, 201, f"Created {version.reference}")
+        if isinstance(data, dict) and "id" not in data:
+            data = {**data, "id": ids[0]}
+        resource = valid_resource(data, resource_type, ids[0])
+        version, _ = repo.update(resource, ids[0], expected_version=expected)
+    return written(ctx, request, version, 200, f"Updated {version.reference}")
+
+
+# -- patch ------------------------------------------------------------------------------
+def patch(ctx: Context, request: FhirRequest, resource_type: str,
+          resource_id: str | None) -> FhirResponse:
+    operations = _patch_operations(request)
+    expected = parse_etag(request.header("if-match"))
+    with ctx.writing() as repo:
+        if resource_id is None:
+            ids = match_ids(ctx, repo, resource_type, _criteria(request), limit=2)
+            if len(ids) != 1:
+                if len(ids) > 1:
+                    raise MultipleMatchesError("The criteria matched several resources")
+                raise NotFoundError(f"No {resource_type} matches the criteria")
+            resource_id = ids[0]
+        current = repo.read(resource_type, resource_id)
+        if current is None:
+            raise NotFoundError(f"{resource_type}/{resource_id} is not known")
+        if current.deleted:
+            raise GoneError(f"{resource_type}/{resource_id} was deleted")
+        if expected is not None and expected != current.version:
+            raise PreconditionFailedError(
+                f"Version {expected} is not the current version of {current.reference}")
+        patched = _apply_patch(current.resource(), operations)
+        resource = valid_resource(patched, resource_type, resource_id)
+        version, _ = repo.update(resource, resource_id, expected_version=current.version,
+                                 method="PATCH")
+    return written(ctx, request, version, 200, f"Patched {version.reference}")
+
+
+def _patch_operations(request: FhirRequest) -> list[Any]:
+    media = (request.content_type or "").split(";")[0].strip().lower()
+    if request.resource is not None:
+        ops = request.resource
+        if isinstance(ops, dict) and ops.get("resourceType") == "Binary":
+            ops = jsonio.loads(__import__("base64").b64decode(ops.get("data", "")))
+    elif media != JSON_PATCH:
+        raise UnsupportedMediaTypeError(f"PATCH needs Content-Type {JSON_PATCH}")
+    else:
+        ops = jsonio.loads(request.body or b"")
+    if not isinstance(ops, list) or not all(isinstance(op, dict) for op in ops):
+        raise InvalidError("A JSON Patch is a JSON array of operations")
+    return ops
+
+
+def _apply_patch(resource: dict[str, Any], operations: list[Any]) -> dict[str, Any]:
+    try:
+        result = jsonpatch.JsonPatch(operations).apply(resource)
+    except jsonpatch.JsonPatchTestFailed as exc:
+        raise PreconditionFailedError(f"JSON Patch test failed: {exc}") from exc
+    except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError,
+            KeyError, IndexError, ValueError) as exc:
+        raise InvalidError(f"JSON Patch cannot be applied: {exc}") from exc
+    if not isinstance(result, dict):
+        raise InvalidError("JSON Patch must leave a resource")
+    return result
+
+
+# -- delete -----------------------------------------------------------------------------
+def delete(ctx: Context, request: FhirRequest, resource_type: str,
+           resource_id: str) -> FhirResponse:
+    expected = parse_etag(request.header("if-match"))
+    with ctx.writing() as repo:
+        version = repo.delete(resource_type, resource_id, expected_version=expected)
+    if version is None:
+        return FhirResponse(200, outcome_bytes(f"{resource_type}/{resource_id} was not there"))
+    return FhirResponse(200, outcome_bytes(f"Deleted {version.reference}"),
+                        {"ETag": version.etag})
+
+
+def conditional_delete(ctx: Context, request: FhirRequest, resource_type: str) -> FhirResponse:
+    with ctx.writing() as repo:
+        ids = match_ids(ctx, repo, resource_type, _criteria(request), limit=2)
+        if len(ids) > 1:
+            raise MultipleMatchesError(
+                f"The criteria matched several {resource_type} resources; delete one at a time")
+        if not ids:
+            return FhirResponse(200, outcome_bytes(f"No {resource_type} matched: nothing deleted"))
+        version = repo.delete(resource_type, ids[0])
+    assert version is not None
+    return FhirResponse(200, outcome_bytes(f"Deleted {version.reference}"), {"ETag": version.etag})

@@ -1,0 +1,70 @@
+"""Operations ($name): `$validate` at type and instance level.
+
+https://hl7.org/fhir/R4/resource-operation-validate.html
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway import fhir, jsonio
+from gateway.errors import InvalidError, Issue, NotFoundError, operation_outcome
+from gateway.services.context import Context, FhirRequest, FhirResponse
+from gateway.services.resources import body_json
+
+VALIDATE_MODES = {"create", "update", "delete"}
+
+
+def _unknown(name: str) -> NotFoundError:
+    return NotFoundError(f"Operation ${name} is not supported here")
+
+
+def system_operation(ctx: Context, request: FhirRequest, name: str) -> FhirResponse:
+    raise _unknown(name)
+
+
+def type_operation(ctx: Context, request: FhirRequest, resource_type: str,
+                   name: str) -> FhirResponse:
+    if name == "validate":
+        return validate(ctx, request, resource_type, None)
+    raise _unknown(name)
+
+
+def instance_operation(ctx: Context, request: FhirRequest, resource_type: str,
+                       resource_id: str, name: str) -> FhirResponse:
+    if name == "validate":
+        return validate(ctx, request, resource_type, resource_id)
+    raise _unknown(name)
+
+
+def _validate_input(data: Any) -> tuple[Any, str | None]:
+    """The resource to check: the body itself, or a Parameters with resource and mode."""
+    if isinstance(data, dict) and data.get("resourceType") == "Parameters":
+        params = {p.get("name"): p for p in data.get("parameter", []) if isinstance(p, dict)}
+        mode = params.get("mode", {}).get("valueCode")
+        if mode is not None and mode not in VALIDATE_MODES:
+            raise InvalidError(f"mode must be one of {', '.join(sorted(VALIDATE_MODES))}")
+        if "resource" not in params:
+            raise InvalidError("Parameters for $validate need a 'resource' parameter")
+        return params["resource"].get("resource"), mode
+    return data, None
+
+
+def validate(ctx: Context, request: FhirRequest, resource_type: str,
+             resource_id: str | None) -> FhirResponse:
+    """Always 200 with an OperationOutcome: the outcome, not the status, carries the verdict."""
+    if request.method != "POST":
+        raise InvalidError("$validate is invoked with POST")
+    resource, mode = _validate_input(body_json(request))
+    issues: list[Issue] = []
+    if not isinstance(resource, dict) or resource.get("resourceType") != resource_type:
+        issues.append(Issue("invalid", f"Expected a {resource_type} resource",
+                            expression=("resourceType",)))
+    else:
+        issues.extend(fhir.validate(resource))
+        if mode == "update" and resource.get("id") != resource_id:
+            issues.append(Issue("invalid", "For mode=update the id must match the URL",
+                                expression=(f"{resource_type}.id",)))
+    if not issues:
+        issues.append(Issue("informational", "Validation successful", severity="information"))
+    return FhirResponse(200, jsonio.dumps(operation_outcome(issues)))

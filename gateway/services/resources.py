@@ -1,0 +1,62 @@
+"""Reading a resource out of a request body, and validating it, once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway import fhir, jsonio
+from gateway.errors import InvalidError, Issue, NotFoundError, UnsupportedMediaTypeError
+from gateway.services.context import FhirRequest
+
+FHIR_JSON = ("application/fhir+json", "application/json", "application/json+fhir")
+ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-.")
+
+
+def check_type(resource_type: str) -> None:
+    if not fhir.is_resource_type(resource_type):
+        raise NotFoundError(f"Unknown resource type '{resource_type}'")
+
+
+def check_id(resource_id: str) -> None:
+    if not resource_id or len(resource_id) > 64 or not set(resource_id) <= ID_CHARS:
+        raise InvalidError(f"'{resource_id[:80]}' is not a valid id: 1-64 of A-Z a-z 0-9 - .")
+
+
+def body_json(request: FhirRequest) -> Any:
+    """The request body as JSON (already parsed for Bundle entries)."""
+    if request.resource is not None:
+        return request.resource
+    if not request.body:
+        raise InvalidError("The request has no body")
+    media = (request.content_type or "application/fhir+json").split(";")[0].strip().lower()
+    if media not in FHIR_JSON:
+        raise UnsupportedMediaTypeError(
+            f"Content-Type {media} is not supported: send application/fhir+json")
+    return jsonio.loads(request.body)
+
+
+def valid_resource(data: Any, resource_type: str | None, resource_id: str | None = None,
+                   ) -> dict[str, Any]:
+    """Check the body is a valid resource of the URL's type (and id); raise InvalidError."""
+    if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
+        raise InvalidError("The body must be a JSON object with a resourceType")
+    if resource_type is not None and data["resourceType"] != resource_type:
+        raise InvalidError(f"The body is a {data['resourceType']} but the URL is for "
+                           f"{resource_type}", issues=[Issue(
+                               "invalid", f"Expected resourceType {resource_type}",
+                               expression=("resourceType",))])
+    if resource_id is not None:
+        if "id" not in data:
+            raise InvalidError("The body has no id: an update must carry the URL's id",
+                               issues=[Issue("required", "id is required",
+                                             expression=(f"{resource_type}.id",))])
+        if data["id"] != resource_id:
+            raise InvalidError(f"The body's id '{data['id']}' differs from the URL's "
+                               f"'{resource_id}'", issues=[Issue(
+                                   "invalid", "id does not match the URL",
+                                   expression=(f"{resource_type}.id",))])
+    issues = fhir.validate(data)
+    if issues:
+        raise InvalidError(f"Invalid {data['resourceType']}: {issues[0].diagnostics}",
+                           issues=issues)
+    return data

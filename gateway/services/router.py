@@ -1,0 +1,101 @@
+"""Dispatch a FhirRequest to its interaction, by method and path shape.
+
+https://hl7.org/fhir/R4/http.html#summary lists the shapes. The HTTP layer and the
+batch/transaction processor both come through here.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl
+
+from gateway.errors import InvalidError, MethodNotAllowedError, NotFoundError
+from gateway.services import bundle, capability, crud, history, operations, search
+from gateway.services.context import Context, FhirRequest, FhirResponse
+from gateway.services.resources import check_type
+
+
+def _allow(method: str, allowed: str) -> None:
+    if method not in allowed.split():
+        raise MethodNotAllowedError(f"{method} is not allowed here (allowed: {allowed})",
+                                    headers={"Allow": allowed.replace(" ", ", ")})
+
+
+def _form_query(request: FhirRequest) -> list[tuple[str, str]]:
+    """POST _search: parameters from the form body and the URL together."""
+    media = (request.content_type or "").split(";")[0].strip().lower()
+    if request.body and media != "application/x-www-form-urlencoded":
+        raise InvalidError("POST _search takes application/x-www-form-urlencoded parameters")
+    try:
+        body = (request.body or b"").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidError("Form body is not valid UTF-8") from exc
+    return [*request.query, *parse_qsl(body, keep_blank_values=True)]
+
+
+def dispatch(ctx: Context, request: FhirRequest) -> FhirResponse:
+    parts = [p for p in request.path.strip("/").split("/") if p]
+    method = request.method
+    if not parts:
+        _allow(method, "GET POST")
+        if method == "POST":
+            return bundle.process(ctx, request)
+        return search.search(ctx, request, None)
+    head = parts[0]
+    if head == "metadata" and len(parts) == 1:
+        _allow(method, "GET")
+        return capability.capability_response(ctx, request)
+    if head == "_history" and len(parts) == 1:
+        _allow(method, "GET")
+        return history.history(ctx, request)
+    if head == "_search" and len(parts) == 1:
+        _allow(method, "POST")
+        return search.search(ctx, request, None, _form_query(request))
+    if head.startswith("$"):
+        return operations.system_operation(ctx, request, head[1:])
+    check_type(head)
+    return _type_level(ctx, request, head, parts[1:])
+
+
+def _type_level(ctx: Context, request: FhirRequest, resource_type: str,
+                rest: list[str]) -> FhirResponse:
+    method = request.method
+    if not rest:
+        _allow(method, "GET POST PUT PATCH DELETE")
+        handlers = {"GET": lambda: search.search(ctx, request, resource_type),
+                    "POST": lambda: crud.create(ctx, request, resource_type),
+                    "PUT": lambda: crud.conditional_update(ctx, request, resource_type),
+                    "PATCH": lambda: crud.patch(ctx, request, resource_type, None),
+                    "DELETE": lambda: crud.conditional_delete(ctx, request, resource_type)}
+        return handlers[method]()
+    first = rest[0]
+    if first == "_search" and len(rest) == 1:
+        _allow(method, "POST")
+        return search.search(ctx, request, resource_type, _form_query(request))
+    if first == "_history" and len(rest) == 1:
+        _allow(method, "GET")
+        return history.history(ctx, request, resource_type)
+    if first.startswith("$") and len(rest) == 1:
+        return operations.type_operation(ctx, request, resource_type, first[1:])
+    return _instance_level(ctx, request, resource_type, first, rest[1:])
+
+
+def _instance_level(ctx: Context, request: FhirRequest, resource_type: str, resource_id: str,
+                    rest: list[str]) -> FhirResponse:
+    method = request.method
+    if not rest:
+        _allow(method, "GET PUT PATCH DELETE")
+        handlers = {"GET": lambda: crud.read(ctx, request, resource_type, resource_id),
+                    "PUT": lambda: crud.update(ctx, request, resource_type, resource_id),
+                    "PATCH": lambda: crud.patch(ctx, request, resource_type, resource_id),
+                    "DELETE": lambda: crud.delete(ctx, request, resource_type, resource_id)}
+        return handlers[method]()
+    if rest[0] == "_history":
+        _allow(method, "GET")
+        if len(rest) == 1:
+            return history.history(ctx, request, resource_type, resource_id)
+        if len(rest) == 2:
+            return crud.vread(ctx, request, resource_type, resource_id, rest[1])
+    if rest[0].startswith("$") and len(rest) == 1:
+        return operations.instance_operation(ctx, request, resource_type, resource_id,
+                                             rest[0][1:])
+    raise NotFoundError(f"No interaction at {request.path}")

@@ -1,0 +1,178 @@
+"""Search (type and system level): criteria → page of matches → searchset Bundle.
+
+https://hl7.org/fhir/R4/search.html. The Bundle's links carry a keyset cursor, so paging
+stays correct while other clients write.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlencode
+
+from sqlalchemy import select
+
+from gateway import jsonio
+from gateway.errors import Issue, operation_outcome
+from gateway.services.context import Context, FhirRequest, FhirResponse
+from gateway.services.summary import shape
+from gateway.store import search_query as sq
+from gateway.store import search_sql
+from gateway.store.repository import Repository, Version
+from gateway.store.schema import resources, sp_reference
+
+MAX_INCLUDE_DEPTH = 3
+
+
+def lenient(request: FhirRequest) -> bool:
+    return "handling=lenient" in (request.header("prefer") or "").replace(" ", "")
+
+
+def parse_query(ctx: Context, request: FhirRequest, resource_type: str | None,
+                pairs: list[tuple[str, str]] | None = None) -> sq.SearchQuery:
+    return sq.parse(resource_type, request.query if pairs is None else pairs,
+                    lenient=lenient(request), default_count=ctx.settings.default_page_size,
+                    max_count=ctx.settings.max_page_size)
+
+
+def match_ids(ctx: Context, repo: Repository, resource_type: str,
+              criteria: list[tuple[str, str]], limit: int) -> list[str]:
+    """Ids of up to `limit` current resources matching conditional-interaction criteria."""
+    query = sq.parse(resource_type, criteria, lenient=False, default_count=limit,
+                     max_count=limit)
+    query.count = limit
+    stmt = select(resources.c.res_id).where(*search_sql.matches(query)).limit(limit)
+    return list(repo.conn.execute(stmt).scalars())
+
+
+def search(ctx: Context, request: FhirRequest, resource_type: str | None,
+           pairs: list[tuple[str, str]] | None = None) -> FhirResponse:
+    query = parse_query(ctx, request, resource_type, pairs)
+    with ctx.reading() as repo:
+        bundle = run(ctx, repo, query)
+    return FhirResponse(200, jsonio.dumps(bundle))
+
+
+def run(ctx: Context, repo: Repository, query: sq.SearchQuery) -> dict[str, Any]:
+    """Execute a parsed search and build its searchset Bundle."""
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+    if query.summary == "count" or query.count == 0:
+        bundle["total"] = repo.conn.execute(search_sql.count_statement(query)).scalar_one()
+        bundle["link"] = [_link(ctx, query, "self", None)]
+        return bundle
+    stmt, keys, backwards = search_sql.page_statement(query)
+    rows = list(repo.conn.execute(stmt))
+    more = len(rows) > query.count
+    rows = rows[: query.count]
+    if backwards:
+        rows.reverse()
+    width = len(keys)
+    has_next = more if not backwards else True
+    has_previous = (query.cursor is not None) if not backwards else more
+    if query.total == "accurate" or (query.cursor is None and not more and query.total != "none"):
+        bundle["total"] = (len(rows) if query.cursor is None and not more else
+                           repo.conn.execute(search_sql.count_statement(query)).scalar_one())
+    bundle["link"] = _links(ctx, query, rows, width, has_next and bool(rows), has_previous
+                            and bool(rows))
+    matches = [_row_version(r) for r in rows]
+    entries = [_entry(ctx, v, "match", query) for v in matches]
+    included = _included(repo, ctx, query, matches)
+    entries.extend(_entry(ctx, v, "include", query) for v in included)
+    if query.ignored:
+        entries.append({"resource": operation_outcome(query.ignored),
+                        "search": {"mode": "outcome"}})
+    bundle["entry"] = entries
+    return bundle
+
+
+def _row_version(row: Any) -> Version:
+    return Version(row.res_type, row.res_id, row.version, row.last_updated, False, row.content)
+
+
+def _entry(ctx: Context, version: Version, mode: str, query: sq.SearchQuery) -> dict[str, Any]:
+    resource = jsonio.loads_trusted(version.content or b"{}")
+    if query.summary or query.elements:
+        resource = shape(resource, query.summary, query.elements)
+    return {"fullUrl": ctx.url(version.resource_type, version.id), "resource": resource,
+            "search": {"mode": mode}}
+
+
+# -- links --------------------------------------------------------------------------
+def _link(ctx: Context, query: sq.SearchQuery, relation: str, cursor: str | None) -> dict[str, str]:
+    pairs = list(query.raw)
+    if cursor is not None:
+        pairs.append(("_cursor", cursor))
+    path = ctx.url(query.resource_type) if query.resource_type else ctx.base_url
+    return {"relation": relation, "url": f"{path}?{urlencode(pairs)}" if pairs else path}
+
+
+def _links(ctx: Context, query: sq.SearchQuery, rows: list[Any], width: int, has_next: bool,
+           has_previous: bool) -> list[dict[str, str]]:
+    links = [_link(ctx, query, "self", query.cursor)]
+    if rows:
+        links.insert(0, _link(ctx, query, "first", None))
+    if has_next:
+        last = [getattr(rows[-1], f"k{i}") for i in range(width)]
+        links.append(_link(ctx, query, "next", search_sql.encode_cursor(last)))
+    if has_previous:
+        first = [getattr(rows[0], f"k{i}") for i in range(width)]
+        links.append(_link(ctx, query, "previous", search_sql.encode_cursor(first, True)))
+    return links
+
+
+# -- _include / _revinclude -----------------------------------------------------------------
+def _included(repo: Repository, ctx: Context, query: sq.SearchQuery,
+              matches: list[Version]) -> list[Version]:
+    if not (query.includes or query.revincludes) or not matches:
+        return []
+    seen = {(v.resource_type, v.id) for v in matches}
+    found: list[Version] = []
+    frontier = matches
+    for depth in range(MAX_INCLUDE_DEPTH):
+        includes = [i for i in query.includes if depth == 0 or i.iterate]
+        revincludes = [i for i in query.revincludes if depth == 0 or i.iterate]
+        keys = _forward(repo, includes, frontier) + _reverse(repo, revincludes, frontier)
+        fresh = [k for k in dict.fromkeys(keys) if k not in seen]
+        room = ctx.settings.max_include - len(found)
+        if not fresh or room <= 0:
+            break
+        seen.update(fresh)
+        loaded = repo.read_many(fresh[:room])
+        frontier = [loaded[k] for k in fresh[:room] if k in loaded]
+        found.extend(frontier)
+    return found
+
+
+def _forward(repo: Repository, includes: list[sq.Include],
+             frontier: list[Version]) -> list[tuple[str, str]]:
+    keys: list[tuple[str, str]] = []
+    for inc in includes:
+        ids = [v.id for v in frontier if v.resource_type == inc.source]
+        if not ids:
+            continue
+        stmt = select(sp_reference.c.target_type, sp_reference.c.target_id).where(
+            sp_reference.c.res_type == inc.source, sp_reference.c.res_id.in_(ids),
+            sp_reference.c.param == inc.param, sp_reference.c.target_id.is_not(None))
+        if inc.target:
+            stmt = stmt.where(sp_reference.c.target_type == inc.target)
+        keys.extend((t, i) for t, i in repo.conn.execute(stmt) if t)
+    return keys
+
+
+def _reverse(repo: Repository, revincludes: list[sq.Include],
+             frontier: list[Version]) -> list[tuple[str, str]]:
+    keys: list[tuple[str, str]] = []
+    for inc in revincludes:
+        targets = [v for v in frontier if inc.target in (None, v.resource_type)]
+        by_type: dict[str, list[str]] = {}
+        for v in targets:
+            by_type.setdefault(v.resource_type, []).append(v.id)
+        for target_type, ids in by_type.items():
+            stmt = select(sp_reference.c.res_type, sp_reference.c.res_id).where(
+                sp_reference.c.res_type == inc.source, sp_reference.c.param == inc.param,
+                sp_reference.c.target_type == target_type, sp_reference.c.target_id.in_(ids))
+            keys.extend(repo.conn.execute(stmt).tuples())
+    return keys
+
+
+def lenient_warnings(query: sq.SearchQuery) -> list[Issue]:
+    return query.ignored

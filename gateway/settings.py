@@ -1,0 +1,59 @@
+"""Configuration from `ATM_*` environment variables (and a `.env` file)."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATM_", env_file=".env", extra="ignore")
+
+    database_url: str = "sqlite:///./var/atm.db"
+    """SQLAlchemy URL; `postgresql://…` (psycopg 3) for PostgreSQL."""
+    base_url: str | None = None
+    """Absolute FHIR base for Location headers and Bundle links, e.g.
+    https://atm.example.org/fhir. Unset: taken from the request's Host."""
+    trust_forwarded_headers: bool = False
+    """Build links from X-Forwarded-Proto/Host/Prefix (only behind a trusted proxy)."""
+    cors_origins: list[str] = []
+    max_body_bytes: int = 16 * 1024 * 1024
+    default_page_size: int = 20
+    max_page_size: int = 1000
+    max_include: int = 1000
+    """Upper bound on resources added by _include/_revinclude to one page."""
+    transaction_max_entries: int = 10_000
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else None
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The URL with the psycopg 3 driver for PostgreSQL."""
+        url = self.database_url
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix):]
+        return url
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def ensure_sqlite_dir(self) -> None:
+        if self.is_sqlite and ":///" in self.database_url:
+            path = self.database_url.split(":///", 1)[1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+@cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,250 @@
+"""The only writer of the resource store (see ARCHITECTURE.md, "The spine").
+
+Every write, in the caller's one database transaction: a new immutable version in the
+history, the current row, its search-index rows and a change-log event. Versions are
+checked optimistically: an UPDATE names the version it replaces, so of two racing
+writers exactly one wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Table, and_, delete, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from gateway import jsonio
+from gateway.errors import ConflictError, PreconditionFailedError
+from gateway.store.indexing import index_rows
+from gateway.store.schema import (
+    INDEX_TABLES,
+    change_log,
+    conditional_keys,
+    resource_history,
+    resources,
+)
+from gateway.store.timeparse import format_instant, now_micros
+
+UPDATE_RETRIES = 20
+
+
+@dataclass(frozen=True)
+class Version:
+    """One stored version of a resource, as served to clients."""
+
+    resource_type: str
+    id: str
+    version: int
+    last_updated: int
+    deleted: bool
+    content: bytes | None
+    method: str = "PUT"
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.version}"'
+
+    @property
+    def reference(self) -> str:
+        return f"{self.resource_type}/{self.id}"
+
+    def resource(self) -> dict[str, Any]:
+        assert self.content is not None, "a deleted version has no content"
+        return jsonio.loads_trusted(self.content)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who makes the change and under which request, for the change log."""
+
+    name: str | None = None
+    request_id: str | None = None
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def stamp(resource: dict[str, Any], resource_id: str, version: int, at: int) -> bytes:
+    """Canonical bytes of a version: id and meta set by the server, other keys in order."""
+    meta = dict(resource.get("meta") or {})
+    meta["versionId"] = str(version)
+    meta["lastUpdated"] = format_instant(at)
+    body = {"resourceType": resource["resourceType"], "id": resource_id, "meta": meta}
+    body.update((k, v) for k, v in resource.items() if k not in body)
+    return jsonio.dumps(body)
+
+
+def _version_from(row: Any, method: str = "PUT") -> Version:
+    return Version(row.res_type, row.res_id, row.version, row.last_updated, row.deleted,
+                   row.content, getattr(row, "method", method))
+
+
+class Repository:
+    """Reads and writes resources on one connection, inside the caller's transaction."""
+
+    def __init__(self, conn: Connection, actor: Actor | None = None) -> None:
+        self.conn = conn
+        self.actor = actor or Actor()
+
+    # -- reads ---------------------------------------------------------------------
+    def read(self, resource_type: str, resource_id: str) -> Version | None:
+        row = self.conn.execute(
+            select(resources).where(resources.c.res_type == resource_type,
+                                    resources.c.res_id == resource_id)
+        ).first()
+        return _version_from(row) if row else None
+
+    def read_many(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Version]:
+        """Current versions of many resources (deleted ones left out), in one query each type."""
+        found: dict[tuple[str, str], Version] = {}
+        by_type: dict[str, list[str]] = {}
+        for resource_type, resource_id in keys:
+            by_type.setdefault(resource_type, []).append(resource_id)
+        for resource_type, ids in by_type.items():
+            rows = self.conn.execute(select(resources).where(
+                resources.c.res_type == resource_type, resources.c.res_id.in_(ids),
+                resources.c.deleted.is_(False)))
+            for row in rows:
+                found[(row.res_type, row.res_id)] = _version_from(row)
+        return found
+
+    def vread(self, resource_type: str, resource_id: str, version: int) -> Version | None:
+        row = self.conn.execute(select(resource_history).where(
+            resource_history.c.res_type == resource_type,
+            resource_history.c.res_id == resource_id,
+            resource_history.c.version == version)).first()
+        return _version_from(row) if row else None
+
+    # -- writes --------------------------------------------------------------------
+    def create(self, resource: dict[str, Any], resource_id: str | None = None) -> Version:
+        """Store version 1 of a new resource (a server-assigned id unless one is given)."""
+        resource_type = resource["resourceType"]
+        resource_id = resource_id or new_id()
+        at = now_micros()
+        content = stamp(resource, resource_id, 1, at)
+        inserted = self._insert_new(resources, res_type=resource_type, res_id=resource_id,
+                                    version=1, last_updated=at, deleted=False, content=content)
+        if not inserted:
+            raise ConflictError(f"{resource_type}/{resource_id} already exists")
+        version = Version(resource_type, resource_id, 1, at, False, content, "POST")
+        self._record(version, resource, "create")
+        return version
+
+    def _insert_new(self, table: Table, **values: Any) -> bool:
+        """INSERT unless the primary key exists; False when it did (no error, no abort)."""
+        dialect_insert = pg_insert if self.conn.dialect.name == "postgresql" else sqlite_insert
+        result = self.conn.execute(dialect_insert(table).values(**values).on_conflict_do_nothing())
+        return result.rowcount == 1
+
+    def update(self, resource: dict[str, Any], resource_id: str, *,
+               expected_version: int | None = None, method: str = "PUT") -> tuple[Version, bool]:
+        """Store a new version; create it when absent. Returns (version, created)."""
+        resource_type = resource["resourceType"]
+        for _ in range(UPDATE_RETRIES):
+            current = self.read(resource_type, resource_id)
+            if current is None:
+                if expected_version is not None:
+                    raise PreconditionFailedError(
+                        f"{resource_type}/{resource_id} does not exist (If-Match given)")
+                return self.create(resource, resource_id), True
+            if expected_version is not None and current.version != expected_version:
+                raise PreconditionFailedError(
+                    f"Version {expected_version} is not the current version of "
+                    f"{resource_type}/{resource_id} (it is {current.version})")
+            version = self._replace(current, resource, method)
+            if version is not None:
+                return version, current.deleted
+            if expected_version is not None:
+                raise PreconditionFailedError(
+                    f"{resource_type}/{resource_id} was changed by another client")
+        raise ConflictError(f"{resource_type}/{resource_id} is being changed by many clients")
+
+    def delete(self, resource_type: str, resource_id: str, *,
+               expected_version: int | None = None) -> Version | None:
+        """Logically delete: a new version marked deleted. None when nothing to delete."""
+        for _ in range(UPDATE_RETRIES):
+            current = self.read(resource_type, resource_id)
+            if current is None or current.deleted:
+                if expected_version is not None:
+                    raise PreconditionFailedError(f"{resource_type}/{resource_id} does not exist")
+                return None
+            if expected_version is not None and current.version != expected_version:
+                raise PreconditionFailedError(
+                    f"Version {expected_version} is not the current version of "
+                    f"{resource_type}/{resource_id} (it is {current.version})")
+            version = self._replace(current, None, "DELETE")
+            if version is not None:
+                return version
+        raise ConflictError(f"{resource_type}/{resource_id} is being changed by many clients")
+
+    def _replace(self, current: Version, resource: dict[str, Any] | None,
+                 method: str) -> Version | None:
+        """Write the version after `current`; None when another writer got there first."""
+        number, at = current.version + 1, max(now_micros(), current.last_updated)
+        content = stamp(resource, current.id, number, at) if resource is not None else None
+        result = self.conn.execute(
+            update(resources)
+            .where(resources.c.res_type == current.resource_type,
+                   resources.c.res_id == current.id, resources.c.version == current.version)
+            .values(version=number, last_updated=at, deleted=resource is None, content=content))
+        if result.rowcount != 1:
+            return None
+        version = Version(current.resource_type, current.id, number, at, resource is None,
+                          content, method)
+        self._clear_index(current)
+        self._record(version, resource, "delete" if resource is None else "update")
+        return version
+
+    def _record(self, version: Version, resource: dict[str, Any] | None,
+                interaction: str) -> None:
+        self.conn.execute(insert(resource_history).values(
+            res_type=version.resource_type, res_id=version.id, version=version.version,
+            last_updated=version.last_updated, method=version.method, deleted=version.deleted,
+            content=version.content))
+        if resource is not None:
+            self._write_index(version, resource)
+        self.conn.execute(insert(change_log).values(
+            res_type=version.resource_type, res_id=version.id, version=version.version,
+            interaction=interaction, at=version.last_updated, actor=self.actor.name,
+            request_id=self.actor.request_id))
+
+    def _write_index(self, version: Version, resource: dict[str, Any]) -> None:
+        key = {"res_type": version.resource_type, "res_id": version.id}
+        for kind, rows in index_rows(resource).items():
+            if rows:
+                self.conn.execute(insert(INDEX_TABLES[kind]), [{**key, **row} for row in rows])
+
+    def _clear_index(self, version: Version) -> None:
+        for table in INDEX_TABLES.values():
+            self.conn.execute(delete(table).where(
+                and_(table.c.res_type == version.resource_type, table.c.res_id == version.id)))
+
+    # -- conditional create --------------------------------------------------------
+    def claim_criteria(self, resource_type: str, criteria: str, resource_id: str,
+                       stale_id: str | None = None) -> bool:
+        """Record that `resource_id` answers a conditional create's criteria.
+
+        A unique key per (type, criteria) makes two racing conditional creates collide
+        in the database: the loser gets False and looks again. `stale_id` takes over a
+        key whose resource no longer matches.
+        """
+        digest = hashlib.sha256(criteria.encode()).hexdigest()
+        key = and_(conditional_keys.c.res_type == resource_type,
+                   conditional_keys.c.criteria_hash == digest)
+        if stale_id is not None:
+            result = self.conn.execute(update(conditional_keys).where(
+                key, conditional_keys.c.res_id == stale_id).values(res_id=resource_id))
+            return result.rowcount == 1
+        return self._insert_new(conditional_keys, res_type=resource_type, criteria_hash=digest,
+                                res_id=resource_id, criteria=criteria)
+
+    def criteria_owner(self, resource_type: str, criteria: str) -> str | None:
+        digest = hashlib.sha256(criteria.encode()).hexdigest()
+        return self.conn.execute(select(conditional_keys.c.res_id).where(
+            conditional_keys.c.res_type == resource_type,
+            conditional_keys.c.criteria_hash == digest)).scalar()

@@ -1,0 +1,117 @@
+"""Tables of the resource store: current versions, history, search index, change log.
+
+Times are integer microseconds since the epoch (UTC): exact, sortable, engine-neutral.
+Resource bodies are the canonical JSON bytes served to clients, never re-serialised.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+TYPE = 64  # longest resource type name is well under this
+ID = 64    # FHIR ids are at most 64 characters
+TOKEN = 255
+# Each engine gets an integer primary key that it auto-increments.
+SEQ = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def _key_columns(primary_key: bool = False) -> list[Column]:
+    return [Column("res_type", String(TYPE), nullable=False, primary_key=primary_key),
+            Column("res_id", String(ID), nullable=False, primary_key=primary_key)]
+
+
+resources = Table(
+    "resources", metadata,
+    *_key_columns(primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("last_updated", BigInteger, nullable=False),
+    Column("deleted", Boolean, nullable=False, default=False),
+    Column("content", LargeBinary, nullable=True),
+    Index("ix_resources_type_updated", "res_type", "last_updated"),
+)
+
+resource_history = Table(
+    "resource_history", metadata,
+    *_key_columns(primary_key=True),
+    Column("version", Integer, nullable=False, primary_key=True),
+    Column("last_updated", BigInteger, nullable=False),
+    Column("method", String(8), nullable=False),
+    Column("deleted", Boolean, nullable=False, default=False),
+    Column("content", LargeBinary, nullable=True),
+    Index("ix_history_updated", "last_updated"),
+    Index("ix_history_type_updated", "res_type", "last_updated"),
+)
+
+change_log = Table(
+    "change_log", metadata,
+    Column("seq", SEQ, primary_key=True, autoincrement=True),
+    *_key_columns(),
+    Column("version", Integer, nullable=False),
+    Column("interaction", String(16), nullable=False),
+    Column("at", BigInteger, nullable=False),
+    Column("actor", String(255), nullable=True),
+    Column("request_id", String(64), nullable=True),
+)
+
+conditional_keys = Table(
+    "conditional_keys", metadata,
+    Column("res_type", String(TYPE), nullable=False, primary_key=True),
+    Column("criteria_hash", String(64), nullable=False, primary_key=True),
+    Column("res_id", String(ID), nullable=False),
+    Column("criteria", Text, nullable=False),
+)
+
+
+def _index_table(name: str, *columns: Column, indexes: tuple[tuple[str, ...], ...]) -> Table:
+    table = Table(name, metadata, *_key_columns(),
+                  Column("param", String(64), nullable=False), *columns)
+    Index(f"ix_{name}_resource", table.c.res_type, table.c.res_id)
+    for n, cols in enumerate(indexes):
+        Index(f"ix_{name}_{n}", table.c.res_type, table.c.param,
+              *(table.c[c] for c in cols), table.c.res_id)
+    return table
+
+
+sp_string = _index_table(
+    "sp_string", Column("value", String(TOKEN), nullable=False),
+    Column("exact", Text, nullable=False), indexes=(("value",),))
+sp_token = _index_table(
+    "sp_token", Column("system", String(TOKEN), nullable=True),
+    Column("code", String(TOKEN), nullable=True), Column("text", String(TOKEN), nullable=True),
+    indexes=(("code", "system"), ("system",)))
+sp_reference = _index_table(
+    "sp_reference", Column("target_type", String(TYPE), nullable=True),
+    Column("target_id", String(TOKEN), nullable=True), Column("url", Text, nullable=True),
+    indexes=(("target_id", "target_type"),))
+Index("ix_sp_reference_target", sp_reference.c.target_type, sp_reference.c.target_id,
+      sp_reference.c.param)
+sp_date = _index_table(
+    "sp_date", Column("low", BigInteger, nullable=False), Column("high", BigInteger, nullable=False),
+    indexes=(("low", "high"), ("high",)))
+sp_number = _index_table("sp_number", Column("value", Float, nullable=False),
+                         indexes=(("value",),))
+sp_quantity = _index_table(
+    "sp_quantity", Column("value", Float, nullable=False),
+    Column("system", String(TOKEN), nullable=True), Column("code", String(TOKEN), nullable=True),
+    indexes=(("value",), ("code", "value")))
+sp_uri = _index_table("sp_uri", Column("value", String(TOKEN * 4), nullable=False),
+                      indexes=(("value",),))
+
+INDEX_TABLES: dict[str, Table] = {
+    "string": sp_string, "token": sp_token, "reference": sp_reference, "date": sp_date,
+    "number": sp_number, "quantity": sp_quantity, "uri": sp_uri,
+}

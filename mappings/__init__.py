@@ -1,0 +1,1 @@
+"""Pure translations between formats (no I/O, no database)."""

@@ -1,0 +1,1 @@
+"""Therapy orchestration: protocols, plan state and the decisions that advance it."""
