@@ -138,8 +138,9 @@ class Repository:
     def _insert_new(self, table: Table, **values: Any) -> bool:
         """INSERT unless the primary key exists; False when it did (no error, no abort)."""
         dialect_insert = pg_insert if self.conn.dialect.name == "postgresql" else sqlite_insert
-        result = self.conn.execute(dialect_insert(table).values(**values).on_conflict_do_nothing())
-        return result.rowcount == 1
+        stmt = dialect_insert(table).values(**values).on_conflict_do_nothing()
+        first_key = next(iter(table.primary_key.columns))
+        return self.conn.execute(stmt.returning(first_key)).first() is not None
 
     def update(self, resource: dict[str, Any], resource_id: str, *,
                expected_version: int | None = None, method: str = "PUT") -> tuple[Version, bool]:

@@ -1,0 +1,131 @@
+"""Fixtures: every storage and API test runs on SQLite and, when ATM_TEST_POSTGRES_URL is
+set, on a real PostgreSQL (each test in a fresh schema state)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
+from gateway.app import create_app
+from gateway.settings import Settings
+from gateway.store.database import Database, make_engine
+from gateway.store.migrate import upgrade
+from gateway.store.schema import metadata
+
+PG_URL = os.environ.get("ATM_TEST_POSTGRES_URL")
+BACKENDS = ["sqlite", "postgres"]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if PG_URL:
+        return f"PostgreSQL tests: on ({PG_URL})"
+    return "PostgreSQL tests: SKIPPED (set ATM_TEST_POSTGRES_URL to run them)"
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file that each test copies (migrating once is faster)."""
+    path = tmp_path_factory.mktemp("template") / "atm.db"
+    engine = make_engine(Settings(database_url=f"sqlite:///{path}"))
+    upgrade(engine)
+    engine.dispose()
+    return path
+
+
+@pytest.fixture(scope="session")
+def pg_schema_url() -> Iterator[str]:
+    """A private schema on the test server, migrated once, dropped at the end."""
+    if not PG_URL:
+        pytest.skip("PostgreSQL not configured: set ATM_TEST_POSTGRES_URL")
+    schema = f"atm_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://", 1))
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in PG_URL else "?"
+    url = f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    engine = make_engine(Settings(database_url=url))
+    upgrade(engine)
+    engine.dispose()
+    yield url
+    with admin.begin() as conn:
+        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+def _truncate(url: str) -> None:
+    engine = make_engine(Settings(database_url=url))
+    names = ", ".join(t.name for t in metadata.sorted_tables)
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY"))
+    engine.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The database URL of a fresh, migrated store on each backend."""
+    if request.param == "sqlite":
+        template = request.getfixturevalue("sqlite_template")
+        target = tmp_path / "atm.db"
+        shutil.copy(template, target)
+        return f"sqlite:///{target}"
+    url: str = request.getfixturevalue("pg_schema_url")
+    _truncate(url)
+    return url
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return Settings(database_url=database_url, base_url="http://testserver/fhir",
+                    max_body_bytes=1_000_000, log_json=False)
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[Database]:
+    database = Database(make_engine(settings))
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    app = create_app(settings, migrate=False)
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def live_server(database_url: str) -> Iterator[str]:
+    """A real uvicorn server on 127.0.0.1 in a thread; yields its FHIR base URL."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}/fhir"
+    settings = Settings(database_url=database_url, base_url=base, log_json=False)
+    config = uvicorn.Config(create_app(settings, migrate=False), host="127.0.0.1", port=port,
+                            log_level="warning", loop="asyncio", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    yield base
+    server.should_exit = True
+    thread.join(timeout=10)
