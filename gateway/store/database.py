@@ -1,13 +1,17 @@
 """Engines and transactions for SQLite (embedded) and PostgreSQL (production).
 
-SQLite has one writer at a time: concurrent writers would spin on "database is locked",
-so every write transaction takes a process-wide lock first and opens with
-BEGIN IMMEDIATE. PostgreSQL writers run concurrently; optimistic version checks and
-unique constraints keep them correct.
+SQLite has one writer at a time. Rather than letting writers spin on "database is
+locked", they take turns on one shared connection and share commits (group commit):
+each writer's work runs in its own SAVEPOINT, and whoever finds no writer waiting
+behind it commits the whole group. A writer returns only after the COMMIT that made its
+work durable. WAL checkpoints run in a background thread, off the request path.
+PostgreSQL writers run concurrently, each in its own transaction; optimistic version
+checks and unique constraints keep them correct.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +21,10 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.pool import QueuePool
 
 from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+GROUP_LIMIT = 64          # most writers sharing one commit
+CHECKPOINT_SECONDS = 0.5  # how often the background checkpointer looks at the WAL
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -41,6 +49,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA cache_size=-65536")
+    cur.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
     cur.close()
 
 
@@ -49,23 +58,150 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql(f"BEGIN {mode}")
 
 
+class CommitFailedError(RuntimeError):
+    """The shared COMMIT of a group failed: none of its writers' work was stored."""
+
+
+class _GroupCommitter:
+    """Runs SQLite writers one at a time on one connection and commits them in groups."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._cond = threading.Condition()
+        self._busy = False
+        self._waiting = 0
+        self._conn: Connection | None = None
+        self._outer: Any = None
+        self._group: int = 0       # number of the open group
+        self._members = 0          # writers in the open group
+        self._done: dict[int, BaseException | None] = {}  # group -> commit outcome
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        conn, group = self._enter()
+        try:
+            savepoint = conn.begin_nested()
+            try:
+                yield conn
+            except BaseException:
+                savepoint.rollback()
+                raise
+            savepoint.commit()
+        finally:
+            self._leave()
+        self._await(group)
+
+    def _enter(self) -> tuple[Connection, int]:
+        with self._cond:
+            self._waiting += 1
+            while self._busy:
+                self._cond.wait()
+            self._waiting -= 1
+            self._busy = True
+        try:
+            if self._conn is None:
+                self._conn = self._engine.connect()
+                self._conn.info["write"] = True
+            if self._outer is None:
+                self._outer = self._conn.begin()
+        except BaseException:
+            self._discard_connection()
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+            raise
+        self._members += 1
+        return self._conn, self._group
+
+    def _leave(self) -> None:
+        """Hand over to the next writer, or commit the group when nobody waits."""
+        with self._cond:
+            if self._waiting == 0 or self._members >= GROUP_LIMIT:
+                self._commit_group()
+            self._busy = False
+            self._cond.notify_all()
+
+    def _commit_group(self) -> None:
+        outcome: BaseException | None = None
+        try:
+            self._outer.commit()
+        except Exception as exc:  # noqa: BLE001 - every member must hear of it
+            log.exception("group commit failed")
+            outcome = CommitFailedError("the database could not commit")
+            outcome.__cause__ = exc
+            self._discard_connection()
+        self._done[self._group] = outcome
+        self._done.pop(self._group - 1000, None)  # forget long-finished groups
+        self._outer, self._members = None, 0
+        self._group += 1
+
+    def _discard_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.invalidate()
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    def _await(self, group: int) -> None:
+        with self._cond:
+            while group not in self._done:
+                self._cond.wait()
+            failure = self._done[group]
+        if failure is not None:
+            raise failure
+
+    def close(self) -> None:
+        with self._cond:
+            if self._outer is not None:
+                self._commit_group()
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+class _Checkpointer(threading.Thread):
+    """Copies the SQLite WAL back into the database file in the background."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(name="sqlite-checkpointer", daemon=True)
+        self._engine = engine
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(CHECKPOINT_SECONDS):
+            try:
+                with self._engine.connect() as conn:
+                    conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+            except Exception:  # noqa: BLE001 - a missed checkpoint is retried next round
+                log.warning("WAL checkpoint failed", exc_info=True)
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self.is_alive():
+            self.join(timeout=5)
+
+
 class Database:
     """Hands out read and write transactions on one engine."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
-        self._writer = threading.Lock() if self.is_sqlite else None
+        self._writer = _GroupCommitter(engine) if self.is_sqlite else None
+        self._checkpointer = _Checkpointer(engine) if self.is_sqlite else None
+        if self._checkpointer is not None:
+            self._checkpointer.start()
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        """One write transaction: commits when the block ends, rolls back on error."""
+        """One atomic unit of writes; durable when the block has exited without error."""
         if self._writer is not None:
-            with self._writer, self._begin(write=True) as conn:
+            with self._writer.write() as conn:
                 yield conn
-        else:
-            with self._begin(write=True) as conn:
-                yield conn
+            return
+        with self._begin(write=True) as conn:
+            yield conn
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -84,4 +220,8 @@ class Database:
             conn.execute(text("SELECT 1"))
 
     def dispose(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+        if self._writer is not None:
+            self._writer.close()
         self.engine.dispose()
