@@ -11,7 +11,6 @@ import jsonpatch
 
 from gateway import jsonio
 from gateway.errors import (
-    ConflictError,
     GoneError,
     InvalidError,
     MultipleMatchesError,
@@ -23,7 +22,7 @@ from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.resources import body_json, check_id, valid_resource
 from gateway.services.responses import outcome_bytes, version_headers, written
 from gateway.services.search import match_ids
-from gateway.store.repository import Repository, Version, new_id
+from gateway.store.repository import Repository, Version
 from gateway.store.timeparse import parse_http_date
 
 JSON_PATCH = "application/json-patch+json"
@@ -67,26 +66,18 @@ def create(ctx: Context, request: FhirRequest, resource_type: str) -> FhirRespon
 
 def _conditional_create(ctx: Context, request: FhirRequest, repo: Repository,
                         resource: dict[str, Any], criteria: list[tuple[str, str]]) -> FhirResponse:
-    """If-None-Exist: one match → 200 with it; none → create; several → 412.
-
-    The criteria are claimed with a unique key in the same transaction, so two racing
-    requests with the same criteria cannot both create.
-    """
+    """If-None-Exist: one match → 200 with it; none → create; several → 412."""
     resource_type = resource["resourceType"]
-    key, resource_id = _canonical_criteria(criteria), request.assigned_id or new_id()
-    for _ in range(3):
-        ids = match_ids(ctx, repo, resource_type, criteria, limit=2)
-        if len(ids) > 1:
-            raise MultipleMatchesError(f"If-None-Exist matched several {resource_type} resources")
-        if ids:
-            return _existing(ctx, request, repo, resource_type, ids[0])
-        owner = repo.criteria_owner(resource_type, key)
-        if repo.claim_criteria(resource_type, key, resource_id, stale_id=owner):
-            version = repo.create(resource, resource_id)
-            return written(ctx, request, version, 201, f"Created {version.reference}")
-        # Lost the race: the winner has committed, so searching again finds its resource.
-    raise ConflictError(f"Another request is creating a {resource_type} with the same "
-                        "If-None-Exist criteria: retry")
+    key = _canonical_criteria(criteria)
+    repo.lock_criteria(resource_type, key)
+    ids = match_ids(ctx, repo, resource_type, criteria, limit=2)
+    if len(ids) > 1:
+        raise MultipleMatchesError(f"If-None-Exist matched several {resource_type} resources")
+    if ids:
+        return _existing(ctx, request, repo, resource_type, ids[0])
+    version = repo.create(resource, request.assigned_id)
+    repo.answer_criteria(resource_type, key, version.id)
+    return written(ctx, request, version, 201, f"Created {version.reference}")
 
 
 def _existing(ctx: Context, request: FhirRequest, repo: Repository, resource_type: str,
@@ -157,18 +148,20 @@ def conditional_update(ctx: Context, request: FhirRequest, resource_type: str) -
     criteria = _criteria(request)
     expected = parse_etag(request.header("if-match"))
     with ctx.writing() as repo:
+        repo.lock_criteria(resource_type, _canonical_criteria(criteria))
         ids = match_ids(ctx, repo, resource_type, criteria, limit=2)
         if len(ids) > 1:
             raise MultipleMatchesError(f"The criteria matched several {resource_type} resources")
         if not ids:
             body_id = data.get("id") if isinstance(data, dict) else None
             resource = valid_resource(data, resource_type, body_id)
-            if body_id is not None:
-                check_id(body_id)
-                version, _ = repo.update(resource, body_id, expected_version=expected)
+            if body_id is None:
+                version, created = repo.create(resource, request.assigned_id), True
             else:
-                version = repo.create(resource, request.assigned_id)
-            return written(ctx, request, version, 201, f"Created {version.reference}")
+                check_id(body_id)
+                version, created = repo.update(resource, body_id, expected_version=expected)
+            return written(ctx, request, version, 201 if created else 200,
+                           f"{'Created' if created else 'Updated'} {version.reference}")
         if isinstance(data, dict) and "id" not in data:
             data = {**data, "id": ids[0]}
         resource = valid_resource(data, resource_type, ids[0])

@@ -94,6 +94,7 @@ def _entry(ctx: Context, row: Any) -> dict[str, Any]:
     if not row.deleted:
         entry["resource"] = jsonio.loads_trusted(row.content)
     entry["request"] = {"method": row.method, "url": url if row.method != "POST" else row.res_type}
-    entry["response"] = {"status": STATUS.get(row.method, "200 OK"), "etag": f'W/"{row.version}"',
+    status = "201 Created" if row.version == 1 else STATUS.get(row.method, "200 OK")
+    entry["response"] = {"status": status, "etag": f'W/"{row.version}"',
                          "lastModified": format_instant(row.last_updated)}
     return entry

@@ -123,15 +123,23 @@ class Repository:
     # -- writes --------------------------------------------------------------------
     def create(self, resource: dict[str, Any], resource_id: str | None = None) -> Version:
         """Store version 1 of a new resource (a server-assigned id unless one is given)."""
-        resource_type = resource["resourceType"]
         resource_id = resource_id or new_id()
+        version = self._insert_first(resource, resource_id, "POST")
+        if version is None:
+            raise ConflictError(f"{resource['resourceType']}/{resource_id} already exists")
+        return version
+
+    def _insert_first(self, resource: dict[str, Any], resource_id: str,
+                      method: str) -> Version | None:
+        """Version 1, or None when another writer has just created this id."""
+        resource_type = resource["resourceType"]
         at = now_micros()
         content = stamp(resource, resource_id, 1, at)
         inserted = self._insert_new(resources, res_type=resource_type, res_id=resource_id,
                                     version=1, last_updated=at, deleted=False, content=content)
         if not inserted:
-            raise ConflictError(f"{resource_type}/{resource_id} already exists")
-        version = Version(resource_type, resource_id, 1, at, False, content, "POST")
+            return None
+        version = Version(resource_type, resource_id, 1, at, False, content, method)
         self._record(version, resource, "create")
         return version
 
@@ -152,7 +160,12 @@ class Repository:
                 if expected_version is not None:
                     raise PreconditionFailedError(
                         f"{resource_type}/{resource_id} does not exist (If-Match given)")
-                return self.create(resource, resource_id), True
+                # Update-as-create: a racing PUT to the same new id may insert first; then
+                # this one becomes an ordinary update of what it wrote.
+                created = self._insert_first(resource, resource_id, method)
+                if created is not None:
+                    return created, True
+                continue
             if expected_version is not None and current.version != expected_version:
                 raise PreconditionFailedError(
                     f"Version {expected_version} is not the current version of "
@@ -225,27 +238,30 @@ class Repository:
             self.conn.execute(delete(table).where(
                 and_(table.c.res_type == version.resource_type, table.c.res_id == version.id)))
 
-    # -- conditional create --------------------------------------------------------
-    def claim_criteria(self, resource_type: str, criteria: str, resource_id: str,
-                       stale_id: str | None = None) -> bool:
-        """Record that `resource_id` answers a conditional create's criteria.
+    # -- conditional create / update -----------------------------------------------
+    def lock_criteria(self, resource_type: str, criteria: str) -> None:
+        """Serialise conditional writes with the same criteria until this transaction ends.
 
-        A unique key per (type, criteria) makes two racing conditional creates collide
-        in the database: the loser gets False and looks again. `stale_id` takes over a
-        key whose resource no longer matches.
+        Search-then-create is a race: two requests may both find no match and both
+        create. The first claims a key row; the others block on it (INSERT … ON CONFLICT
+        waits for the claimer, SELECT … FOR UPDATE for the current holder) and their next
+        search sees what the holder committed. SQLite writers are serialised already.
         """
-        digest = hashlib.sha256(criteria.encode()).hexdigest()
-        key = and_(conditional_keys.c.res_type == resource_type,
-                   conditional_keys.c.criteria_hash == digest)
-        if stale_id is not None:
-            result = self.conn.execute(update(conditional_keys).where(
-                key, conditional_keys.c.res_id == stale_id).values(res_id=resource_id))
-            return result.rowcount == 1
-        return self._insert_new(conditional_keys, res_type=resource_type, criteria_hash=digest,
-                                res_id=resource_id, criteria=criteria)
-
-    def criteria_owner(self, resource_type: str, criteria: str) -> str | None:
-        digest = hashlib.sha256(criteria.encode()).hexdigest()
-        return self.conn.execute(select(conditional_keys.c.res_id).where(
+        digest = _criteria_digest(criteria)
+        if self._insert_new(conditional_keys, res_type=resource_type, criteria_hash=digest,
+                            res_id="", criteria=criteria):
+            return
+        self.conn.execute(select(conditional_keys.c.res_id).where(
             conditional_keys.c.res_type == resource_type,
-            conditional_keys.c.criteria_hash == digest)).scalar()
+            conditional_keys.c.criteria_hash == digest).with_for_update())
+
+    def answer_criteria(self, resource_type: str, criteria: str, resource_id: str) -> None:
+        """Remember which resource a conditional write created for these criteria."""
+        self.conn.execute(update(conditional_keys).where(
+            conditional_keys.c.res_type == resource_type,
+            conditional_keys.c.criteria_hash == _criteria_digest(criteria),
+        ).values(res_id=resource_id))
+
+
+def _criteria_digest(criteria: str) -> str:
+    return hashlib.sha256(criteria.encode()).hexdigest()
