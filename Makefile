@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 openapi: $(STAMP)
-	$(BIN)/python -m gateway.openapi_dump > openapi/openapi.json
+	$(BIN)/python -m gateway.openapi_dump openapi/openapi.json
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)

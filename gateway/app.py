@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 
 from gateway import __version__, fhir
-from gateway.api import errors, fhir_routes, ops
+from gateway.api import errors, fhir_routes, observability, ops
 from gateway.settings import Settings, get_settings
 from gateway.store.database import Database, make_engine
 from gateway.store.migrate import upgrade
 
 EXPOSED = ["ETag", "Location", "Content-Location", "Last-Modified", "X-Request-ID"]
+# What the FHIR routes' request and response bodies refer to: any R4 resource as JSON; the
+# server validates it against its resourceType, which no single JSON Schema here could.
+RESOURCE_SCHEMA = {
+    "title": "Resource", "type": "object", "required": ["resourceType"],
+    "description": "A FHIR R4 resource in JSON (https://hl7.org/fhir/R4/json.html)",
+    "properties": {"resourceType": {"type": "string", "pattern": "^[A-Z][A-Za-z]+$"},
+                   "id": {"type": "string"}, "meta": {"type": "object"}},
+    "additionalProperties": True,
+}
 
 
 def create_app(settings: Settings | None = None, *, migrate: bool | None = None) -> FastAPI:
@@ -41,18 +50,21 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
     errors.install(app)
     fhir_routes.register(app)
     app.include_router(ops.router)
-    app.middleware("http")(_request_id)
     app.add_middleware(GZipMiddleware, minimum_size=1024)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["*"], allow_headers=["*"], expose_headers=EXPOSED)
+    observability.install(app, settings)
+    app.openapi = _openapi_with_resource_schema(app)  # type: ignore[method-assign]
     return app
 
 
-async def _request_id(request: Request,
-                      call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-    request.state.request_id = request_id[:64]
-    response = await call_next(request)
-    response.headers["X-Request-ID"] = request.state.request_id
-    return response
+def _openapi_with_resource_schema(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    def build() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            schema.setdefault("components", {}).setdefault("schemas", {})["Resource"] = (
+                RESOURCE_SCHEMA)
+        return app.openapi_schema  # type: ignore[return-value]
+    return build
+

@@ -17,13 +17,15 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on"),
     """Start the FHIR server (SQLite databases are migrated on start)."""
     import uvicorn
 
+    from gateway.api.observability import log_config
     from gateway.settings import get_settings
 
     settings = get_settings()
     if workers > 1 and settings.is_sqlite:
         raise typer.BadParameter("several workers need PostgreSQL (ATM_DATABASE_URL)")
     uvicorn.run("gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
-                loop="uvloop", http="httptools", access_log=False, log_level="warning")
+                loop="uvloop", http="httptools", access_log=False, log_level="warning",
+                log_config=log_config(settings))
 
 
 @db_app.command("upgrade")

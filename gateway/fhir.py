@@ -26,10 +26,18 @@ def definitions() -> dict[str, Any]:
     return json.loads(_TABLE.read_text())  # type: ignore[no-any-return]
 
 
+_ABSTRACT_TYPES = frozenset({"Resource", "DomainResource"})
+
+
 @cache
 def r4_resource_types() -> frozenset[str]:
-    """The R4 resource types that also have an R4B model (those we can validate)."""
-    return frozenset(n for n in definitions()["resourceTypes"] if _model(n) is not None)
+    """The concrete R4 resource types that also have an R4B model (those we can validate).
+
+    Only codes of R4's ResourceType value set count: the table also lists R4B's
+    SubscriptionStatus, which an R4 client cannot use, and abstract DomainResource."""
+    r4_codes = definitions()["requiredCodes"]["CapabilityStatement.rest.resource.type"]
+    return frozenset(n for n in definitions()["resourceTypes"]
+                     if n in r4_codes and n not in _ABSTRACT_TYPES and _model(n) is not None)
 
 
 @cache

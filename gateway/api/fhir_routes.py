@@ -81,6 +81,14 @@ def _op_name(path: str) -> str:
 
 
 def register(app: FastAPI) -> None:
+    # include_router copies the routes into each app: filling the shared router once keeps
+    # them from piling up (and repeating in the OpenAPI document) with every create_app().
+    if not router.routes:
+        _add_routes()
+    app.include_router(router)
+
+
+def _add_routes() -> None:
     no_params: list[dict[str, Any]] = []
     _route("/metadata", ["GET"], "CapabilityStatement", params=no_params)
     _route("", ["POST"], "batch or transaction Bundle", params=no_params,
@@ -110,4 +118,3 @@ def register(app: FastAPI) -> None:
     _route("/{type}/{id}/_history/{vid}", ["GET"], "vread", params=[_TYPE, _ID, _VID])
     _route("/{type}/{id}/$validate", ["POST"], "$validate an instance", params=[_TYPE, _ID],
            body=_RESOURCE_BODY)
-    app.include_router(router)

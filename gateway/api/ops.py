@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -10,12 +12,25 @@ from starlette.concurrency import run_in_threadpool
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
+def _status_schema(*states: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {
+        "type": "object", "required": ["status"],
+        "properties": {"status": {"type": "string", "enum": list(states)},
+                       "database": {"type": "string"}}}}}
+
+
+@router.get("/healthz", summary="Liveness: the process answers", operation_id="healthz",
+            response_class=JSONResponse,
+            responses={200: {"description": "Alive", "content": _status_schema("ok")}})
 async def healthz() -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/readyz", summary="Readiness: the database answers")
+@router.get("/readyz", summary="Readiness: the database answers", operation_id="readyz",
+            response_class=JSONResponse,
+            responses={200: {"description": "Ready", "content": _status_schema("ok")},
+                       503: {"description": "The database is unreachable",
+                             "content": _status_schema("unavailable")}})
 async def readyz(request: Request) -> JSONResponse:
     try:
         await run_in_threadpool(request.app.state.db.ping)
@@ -24,6 +39,9 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "database": "ok"})
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", operation_id="metrics",
+            response_class=Response,
+            responses={200: {"description": "Prometheus text exposition format",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,153 @@
+"""Request id, Prometheus metrics and JSON access log for every HTTP request.
+
+A plain ASGI middleware (no BaseHTTPMiddleware: that one costs a task and a memory
+stream per request). It wraps the whole stack, error handler included, so a 500 also
+carries its X-Request-ID and is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import orjson
+from fastapi import FastAPI
+from prometheus_client import Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.settings import Settings
+
+access_log = logging.getLogger("gateway.access")
+
+REQUESTS = Counter("atm_http_requests", "HTTP requests answered",
+                   ["method", "route", "status"])
+LATENCY = Histogram("atm_http_request_duration_seconds",
+                    "Time from the request's arrival to the end of its response",
+                    ["method", "route", "status"],
+                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                             2.5, 5.0, 10.0))
+# Label values must stay few: a client choosing the method or the path must not be able
+# to create new time series.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED = "unmatched"
+_MAX_ID = 64
+_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:")
+_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
+def _instruments(method: str, route: str, status: int) -> tuple[Any, Any]:
+    """The labelled counter and histogram, cached: `labels()` takes a lock each call."""
+    key = (method, route, status)
+    found = _children.get(key)
+    if found is None:
+        labels = (method, route, str(status))
+        found = _children[key] = (REQUESTS.labels(*labels), LATENCY.labels(*labels))
+    return found
+
+
+def request_id_of(scope: Scope) -> str:
+    """The client's X-Request-ID when it is a short token, else a new one."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            given = value.decode("latin-1")
+            if 0 < len(given) <= _MAX_ID and _ID_CHARS.issuperset(given):
+                return given
+            break
+    return uuid.uuid4().hex
+
+
+def route_of(scope: Scope) -> str:
+    """The matched route's template ("/fhir/{type}/{id}"), never the raw path."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else UNMATCHED
+
+
+class ObservabilityMiddleware:
+    def __init__(self, app: ASGIApp, *, log_access: bool) -> None:
+        self.app = app
+        self.log_access = log_access
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        request_id = request_id_of(scope)
+        # Handlers read request.state.request_id; Request.state is backed by scope["state"].
+        scope.setdefault("state", {})["request_id"] = request_id
+        header = (b"x-request-id", request_id.encode("ascii"))
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self._record(scope, status, time.perf_counter() - start, request_id)
+
+    def _record(self, scope: Scope, status: int, seconds: float, request_id: str) -> None:
+        method = scope["method"] if scope["method"] in _METHODS else "other"
+        route = route_of(scope)
+        counter, histogram = _instruments(method, route, status)
+        counter.inc()
+        histogram.observe(seconds)
+        if self.log_access:
+            access_log.info("%s %s %d", method, route, status, extra={
+                "method": method, "route": route, "status": status,
+                "duration_ms": round(seconds * 1000, 3), "request_id": request_id})
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Wrap the app's whole middleware stack, outside Starlette's server-error handler."""
+    build = app.build_middleware_stack
+
+    def build_with_observability() -> ASGIApp:
+        return ObservabilityMiddleware(build(), log_access=settings.log_json)
+
+    app.build_middleware_stack = build_with_observability  # type: ignore[method-assign]
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the record's extras."""
+
+    _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+        "message", "asctime", "taskName"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        for key, value in vars(record).items():
+            if key not in self._STANDARD:
+                line[key] = value
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+def log_config(settings: Settings) -> dict[str, Any]:
+    """A logging.config.dictConfig for `atm serve` (uvicorn applies it in every worker)."""
+    formatter = ({"()": f"{__name__}.JsonFormatter"} if settings.log_json
+                 else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"})
+    handler = {"class": "logging.StreamHandler", "formatter": "main",
+               "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"main": formatter},
+        "handlers": {"main": handler},
+        "root": {"handlers": ["main"], "level": "WARNING"},
+        "loggers": {
+            "gateway": {"level": settings.log_level.upper()},
+            "uvicorn": {"level": "WARNING"},
+        },
+    }
