@@ -1,0 +1,131 @@
+"""The `atm` command as an operator runs it: a real process, configured by ATM_* variables."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+STARTUP_SECONDS = 60
+
+
+def atm_command() -> list[str]:
+    """The installed console script when there is one, else the module."""
+    script = Path(sys.executable).parent / "atm"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("atm")
+    return [found] if found else [sys.executable, "-m", "gateway.cli"]
+
+
+def clean_env(tmp_path: Path, **atm: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATM_")}
+    env.update({"ATM_DATABASE_URL": f"sqlite:///{tmp_path}/data/atm.db", **atm})
+    return env
+
+
+def run_atm(tmp_path: Path, *args: str, **atm: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*atm_command(), *args], cwd=tmp_path, env=clean_env(tmp_path, **atm),
+                          capture_output=True, text=True, timeout=120)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_help_lists_serve_and_db(tmp_path: Path) -> None:
+    result = run_atm(tmp_path, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "serve" in result.stdout
+    assert "db" in result.stdout
+
+
+def test_db_upgrade_creates_the_tables_in_a_fresh_sqlite_file(tmp_path: Path) -> None:
+    result = run_atm(tmp_path, "db", "upgrade")
+    assert result.returncode == 0, result.stderr
+    assert "newest schema" in result.stdout
+    with sqlite3.connect(tmp_path / "data" / "atm.db") as conn:
+        tables = {row[0] for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        version = conn.execute("SELECT version_num FROM alembic_version").fetchall()
+    assert {"resources", "resource_history", "change_log", "alembic_version"} <= tables
+    assert len(version) == 1
+    again = run_atm(tmp_path, "db", "upgrade")
+    assert again.returncode == 0, again.stderr
+
+
+def test_serve_with_several_workers_on_sqlite_is_refused(tmp_path: Path) -> None:
+    result = run_atm(tmp_path, "serve", "--port", str(free_port()), "--workers", "2")
+    assert result.returncode == 2
+    assert "several workers need PostgreSQL" in result.stderr
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """`atm serve` on a free port; yields its address and its stderr log file."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen([*atm_command(), "serve", "--port", str(port)],
+                                   cwd=tmp_path, env=clean_env(tmp_path), stdout=sink,
+                                   stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(address, process)
+        yield address, log
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def wait_until_healthy(address: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"atm serve exited with {process.returncode}")
+        try:
+            if httpx.get(f"{address}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)  # not listening yet
+    raise AssertionError(f"atm serve did not answer within {STARTUP_SECONDS} s")
+
+
+def access_lines(log: Path, request_id: str) -> list[dict[str, object]]:
+    """The JSON log lines of one request; the line is written just after the response."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+        found = [x for x in lines if x.get("request_id") == request_id]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def test_serve_answers_healthz_fhir_and_logs_json(served: tuple[str, Path]) -> None:
+    address, log = served
+    response = httpx.get(f"{address}/healthz", headers={"X-Request-ID": "cli-check"})
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+    assert httpx.get(f"{address}/readyz").json() == {"status": "ok", "database": "ok"}
+    metadata = httpx.get(f"{address}/fhir/metadata")
+    assert metadata.json()["resourceType"] == "CapabilityStatement"
+    access = access_lines(log, "cli-check")
+    assert len(access) == 1
+    assert access[0]["logger"] == "gateway.access"
+    assert access[0]["route"] == "/healthz"
+    assert access[0]["status"] == 200
+    assert access[0]["method"] == "GET"
+    assert access[0]["duration_ms"] >= 0
