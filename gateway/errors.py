@@ -107,6 +107,13 @@ class BusinessRuleError(FhirError):
     status, code = 422, "business-rule"
 
 
+class UnprocessableError(FhirError):
+    """A well-formed request the server cannot carry out on the resource as it now is,
+    e.g. a JSON Patch whose `test` fails (RFC 5789 section 2.2)."""
+
+    status, code = 422, "processing"
+
+
 class MultipleMatchesError(PreconditionFailedError):
     code = "multiple-matches"
 
@@ -139,5 +146,5 @@ ALL_ERRORS: tuple[type[FhirError], ...] = (
     InvalidError, StructureError, NotSupportedError, UnauthorizedError, ForbiddenError,
     NotFoundError, MethodNotAllowedError, NotAcceptableError, ConflictError, GoneError,
     PreconditionFailedError, TooLargeError, UnsupportedMediaTypeError, BusinessRuleError,
-    MultipleMatchesError, TooCostlyError, UnexpectedError,
+    UnprocessableError, MultipleMatchesError, TooCostlyError, UnexpectedError,
 )

@@ -6,7 +6,11 @@ resources this product uses. Models are imported lazily, one resource type at a 
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import json
+import types
+import typing
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -97,6 +101,49 @@ def _expression(resource_type: str, loc: tuple[int | str, ...]) -> str:
     return ".".join(parts)
 
 
+# The models coerce lax input (authoredOn: 123 → 1970-01-01, valueBoolean: "true" → True),
+# but FHIR JSON fixes each primitive's JSON type: https://hl7.org/fhir/R4/json.html#primitive
+_JSON_KINDS: dict[type, tuple[type, ...]] = {
+    bool: (bool,), int: (int,), decimal.Decimal: (int, float, decimal.Decimal),
+    str: (str,), datetime.datetime: (str,), datetime.date: (str,), datetime.time: (str,),
+    bytes: (str,),
+}
+_JSON_NAMES = {bool: "boolean", int: "integer", decimal.Decimal: "number"}
+
+
+@cache
+def _field_kinds(model: Any) -> dict[str, Any]:
+    """JSON name → python base type (primitives) or element model, for one model class."""
+    kinds: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        kind = info.annotation
+        while typing.get_origin(kind) in (typing.Union, types.UnionType, list, typing.Annotated):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        kinds[info.alias or name] = kind.get_model_klass() if hasattr(
+            kind, "get_model_klass") else kind
+    return kinds
+
+
+def _check_json_types(node: dict[str, Any], model: Any, where: str) -> list[Issue]:
+    named = node.get("resourceType")
+    if isinstance(named, str) and named != model.__name__:
+        model = _model(named) or model  # contained, Bundle.entry.resource
+    issues: list[Issue] = []
+    for key, value in node.items():
+        kind = _field_kinds(model).get(key)
+        items = value if isinstance(value, list) else [value]
+        for index, item in enumerate(items):
+            at = f"{where}.{key}" + (f"[{index}]" if isinstance(value, list) else "")
+            if isinstance(kind, type) and kind in _JSON_KINDS:
+                bad = isinstance(item, bool) and kind is not bool
+                if item is not None and (bad or not isinstance(item, _JSON_KINDS[kind])):
+                    issues.append(Issue("invalid", f"Expected a JSON "
+                                        f"{_JSON_NAMES.get(kind, 'string')}", expression=(at,)))
+            elif hasattr(kind, "model_fields") and isinstance(item, dict):
+                issues.extend(_check_json_types(item, kind, at))
+    return issues
+
+
 def validate(resource: dict[str, Any]) -> list[Issue]:
     """Validate a resource dict against its model; return one Issue per problem."""
     resource_type = resource.get("resourceType")
@@ -104,6 +151,9 @@ def validate(resource: dict[str, Any]) -> list[Issue]:
     if model is None or resource_type not in r4_resource_types():
         return [Issue("not-supported", f"Unknown resource type '{resource_type}'",
                       expression=("resourceType",))]
+    wrong_types = _check_json_types(resource, model, resource_type)
+    if wrong_types:
+        return wrong_types
     try:
         model.model_validate(resource)
     except ValidationError as exc:

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from gateway import jsonio
 from gateway.api.http import FHIR_JSON_UTF8
@@ -42,11 +43,31 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         error = NotFoundError(f"No route {request.method} {request.url.path}")
     elif exc.status_code == 405:
-        error = MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}")
+        allowed = ", ".join(_allowed_methods(request, exc))
+        error = MethodNotAllowedError(
+            f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})",
+            headers={"Allow": allowed})
     else:
         error = InvalidError(str(exc.detail))
         error.status = exc.status_code
     return outcome_response(error)
+
+
+def _allowed_methods(request: Request, exc: StarletteHTTPException) -> list[str]:
+    """Every method some route takes at this path: each FHIR route serves one method, so
+    Starlette's own Allow header names only the first route it tried."""
+    methods = {m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()}
+    scope = {**request.scope, "method": "GET"}
+    routes = list(request.app.router.routes)
+    while routes:
+        route = routes.pop()
+        included = getattr(route, "original_router", None)  # FastAPI's include_router
+        if included is not None:
+            routes.extend(included.routes)
+        elif getattr(route, "methods", None) and route.matches(scope)[0] != Match.NONE:
+            methods |= route.methods
+    methods.discard("HEAD")
+    return sorted(methods)
 
 
 async def on_validation_error(request: Request, exc: Exception) -> Response:

@@ -5,24 +5,29 @@ https://hl7.org/fhir/R4/http.html
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any
+from urllib.parse import parse_qsl
 
 import jsonpatch
 
 from gateway import jsonio
 from gateway.errors import (
+    ConflictError,
     GoneError,
     InvalidError,
     MultipleMatchesError,
     NotFoundError,
     PreconditionFailedError,
+    UnprocessableError,
     UnsupportedMediaTypeError,
 )
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.resources import body_json, check_id, valid_resource
 from gateway.services.responses import outcome_bytes, version_headers, written
 from gateway.services.search import match_ids
-from gateway.store.repository import Repository, Version
+from gateway.store.repository import UPDATE_RETRIES, Repository, Version
 from gateway.store.timeparse import parse_http_date
 
 JSON_PATCH = "application/json-patch+json"
@@ -40,12 +45,24 @@ def parse_etag(value: str | None) -> int | None:
     return int(text)
 
 
-def _criteria(request: FhirRequest, raw: str | None = None) -> list[tuple[str, str]]:
-    from urllib.parse import parse_qsl
+# Parameters that shape a result page but select nothing: criteria made only of these
+# would match every resource of the type (and conditional delete would delete one).
+RESULT_PARAMS = frozenset({"_count", "_sort", "_summary", "_elements", "_include",
+                           "_revinclude", "_total", "_contained", "_containedType",
+                           "_format", "_pretty"})
 
+
+def _criteria(request: FhirRequest, resource_type: str,
+              raw: str | None = None) -> list[tuple[str, str]]:
+    """The search criteria of a conditional interaction: the URL's query, or a header's
+    value (If-None-Exist), which may also be written as `Type?criteria`."""
+    if raw is not None:
+        raw = raw.strip().removeprefix(f"{resource_type}?")
     pairs = parse_qsl(raw, keep_blank_values=True) if raw is not None else request.query
+    pairs = [(k, v) for k, v in pairs if k not in RESULT_PARAMS]
     if not pairs:
-        raise PreconditionFailedError("A conditional interaction needs search criteria")
+        raise InvalidError("A conditional interaction needs search criteria that select "
+                           f"{resource_type} resources, e.g. identifier=system|value")
     return pairs
 
 
@@ -61,7 +78,8 @@ def create(ctx: Context, request: FhirRequest, resource_type: str) -> FhirRespon
         if if_none_exist is None:
             version = repo.create(resource, request.assigned_id)
             return written(ctx, request, version, 201, f"Created {version.reference}")
-        return _conditional_create(ctx, request, repo, resource, _criteria(request, if_none_exist))
+        criteria = _criteria(request, resource_type, if_none_exist)
+        return _conditional_create(ctx, request, repo, resource, criteria)
 
 
 def _conditional_create(ctx: Context, request: FhirRequest, repo: Repository,
@@ -145,7 +163,7 @@ def update(ctx: Context, request: FhirRequest, resource_type: str,
 
 def conditional_update(ctx: Context, request: FhirRequest, resource_type: str) -> FhirResponse:
     data = body_json(request)
-    criteria = _criteria(request)
+    criteria = _criteria(request, resource_type)
     expected = parse_etag(request.header("if-match"))
     with ctx.writing() as repo:
         repo.lock_criteria(resource_type, _canonical_criteria(criteria))
@@ -176,25 +194,49 @@ def patch(ctx: Context, request: FhirRequest, resource_type: str,
     expected = parse_etag(request.header("if-match"))
     with ctx.writing() as repo:
         if resource_id is None:
-            ids = match_ids(ctx, repo, resource_type, _criteria(request), limit=2)
-            if len(ids) != 1:
-                if len(ids) > 1:
-                    raise MultipleMatchesError("The criteria matched several resources")
-                raise NotFoundError(f"No {resource_type} matches the criteria")
-            resource_id = ids[0]
-        current = repo.read(resource_type, resource_id)
-        if current is None:
-            raise NotFoundError(f"{resource_type}/{resource_id} is not known")
-        if current.deleted:
-            raise GoneError(f"{resource_type}/{resource_id} was deleted")
-        if expected is not None and expected != current.version:
-            raise PreconditionFailedError(
-                f"Version {expected} is not the current version of {current.reference}")
-        patched = _apply_patch(current.resource(), operations)
-        resource = valid_resource(patched, resource_type, resource_id)
-        version, _ = repo.update(resource, resource_id, expected_version=current.version,
-                                 method="PATCH")
+            resource_id = _single_match(ctx, request, repo, resource_type)
+        for _ in range(UPDATE_RETRIES):
+            current = _patchable(repo, resource_type, resource_id, expected)
+            resource = valid_resource(_apply_patch(current.resource(), operations),
+                                      resource_type, resource_id)
+            try:
+                version, _ = repo.update(resource, resource_id,
+                                         expected_version=current.version, method="PATCH")
+                break
+            except PreconditionFailedError:
+                if expected is not None:
+                    raise
+                # Without If-Match the client asked for its patch on the latest version:
+                # another writer got in between, so patch what it wrote.
+        else:
+            raise ConflictError(f"{resource_type}/{resource_id} is being changed by many "
+                                "clients")
     return written(ctx, request, version, 200, f"Patched {version.reference}")
+
+
+def _single_match(ctx: Context, request: FhirRequest, repo: Repository,
+                  resource_type: str) -> str:
+    """Conditional patch: the one resource the criteria match (R4: none → 404)."""
+    ids = match_ids(ctx, repo, resource_type, _criteria(request, resource_type), limit=2)
+    if len(ids) > 1:
+        raise MultipleMatchesError(f"The criteria matched several {resource_type} resources")
+    if not ids:
+        raise NotFoundError(f"No {resource_type} matches the criteria")
+    return ids[0]
+
+
+def _patchable(repo: Repository, resource_type: str, resource_id: str,
+               expected: int | None) -> Version:
+    current = repo.read(resource_type, resource_id)
+    if current is None:
+        raise NotFoundError(f"{resource_type}/{resource_id} is not known")
+    if current.deleted:
+        raise GoneError(f"{resource_type}/{resource_id} was deleted")
+    if expected is not None and expected != current.version:
+        raise PreconditionFailedError(
+            f"Version {expected} is not the current version of {current.reference} "
+            f"(it is {current.version})")
+    return current
 
 
 def _patch_operations(request: FhirRequest) -> list[Any]:
@@ -202,23 +244,36 @@ def _patch_operations(request: FhirRequest) -> list[Any]:
     if request.resource is not None:
         ops = request.resource
         if isinstance(ops, dict) and ops.get("resourceType") == "Binary":
-            ops = jsonio.loads(__import__("base64").b64decode(ops.get("data", "")))
+            ops = jsonio.loads(_binary_data(ops))
     elif media != JSON_PATCH:
-        raise UnsupportedMediaTypeError(f"PATCH needs Content-Type {JSON_PATCH}")
+        raise UnsupportedMediaTypeError(f"PATCH needs Content-Type {JSON_PATCH}, not "
+                                        f"{media or 'none'}")
+    elif not request.body:
+        raise InvalidError("The request has no body: send a JSON Patch array")
     else:
-        ops = jsonio.loads(request.body or b"")
+        ops = jsonio.loads(request.body)
     if not isinstance(ops, list) or not all(isinstance(op, dict) for op in ops):
         raise InvalidError("A JSON Patch is a JSON array of operations")
     return ops
+
+
+def _binary_data(binary: dict[str, Any]) -> bytes:
+    """A transaction's PATCH entry carries its JSON Patch as a Binary (R4 http.html#patch)."""
+    try:
+        return base64.b64decode(binary.get("data") or "", validate=True)
+    except (binascii.Error, TypeError, ValueError) as exc:
+        raise InvalidError("Binary.data of a PATCH entry is not base64") from exc
 
 
 def _apply_patch(resource: dict[str, Any], operations: list[Any]) -> dict[str, Any]:
     try:
         result = jsonpatch.JsonPatch(operations).apply(resource)
     except jsonpatch.JsonPatchTestFailed as exc:
-        raise PreconditionFailedError(f"JSON Patch test failed: {exc}") from exc
+        # 422, not 412: 412 answers If-Match alone, so a client can tell a stale version
+        # (re-read and retry) from content its patch did not expect.
+        raise UnprocessableError(f"JSON Patch test failed: {exc}") from exc
     except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError,
-            KeyError, IndexError, ValueError) as exc:
+            KeyError, IndexError, ValueError, AttributeError) as exc:
         raise InvalidError(f"JSON Patch cannot be applied: {exc}") from exc
     if not isinstance(result, dict):
         raise InvalidError("JSON Patch must leave a resource")
@@ -239,7 +294,7 @@ def delete(ctx: Context, request: FhirRequest, resource_type: str,
 
 def conditional_delete(ctx: Context, request: FhirRequest, resource_type: str) -> FhirResponse:
     with ctx.writing() as repo:
-        ids = match_ids(ctx, repo, resource_type, _criteria(request), limit=2)
+        ids = match_ids(ctx, repo, resource_type, _criteria(request, resource_type), limit=2)
         if len(ids) > 1:
             raise MultipleMatchesError(
                 f"The criteria matched several {resource_type} resources; delete one at a time")

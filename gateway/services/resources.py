@@ -39,24 +39,25 @@ def valid_resource(data: Any, resource_type: str | None, resource_id: str | None
                    ) -> dict[str, Any]:
     """Check the body is a valid resource of the URL's type (and id); raise InvalidError."""
     if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
-        raise InvalidError("The body must be a JSON object with a resourceType")
+        missing = isinstance(data, dict) and "resourceType" not in data
+        raise _invalid("The body must be a JSON object with a resourceType", "resourceType",
+                       "required" if missing else "structure")
     if resource_type is not None and data["resourceType"] != resource_type:
-        raise InvalidError(f"The body is a {data['resourceType']} but the URL is for "
-                           f"{resource_type}", issues=[Issue(
-                               "invalid", f"Expected resourceType {resource_type}",
-                               expression=("resourceType",))])
+        raise _invalid(f"The body is a {data['resourceType']} but the URL is for "
+                       f"{resource_type}", "resourceType")
     if resource_id is not None:
         if "id" not in data:
-            raise InvalidError("The body has no id: an update must carry the URL's id",
-                               issues=[Issue("required", "id is required",
-                                             expression=(f"{resource_type}.id",))])
+            raise _invalid(f"The body has no id: an update must carry the id '{resource_id}'",
+                           f"{resource_type}.id", "required")
         if data["id"] != resource_id:
-            raise InvalidError(f"The body's id '{data['id']}' differs from the URL's "
-                               f"'{resource_id}'", issues=[Issue(
-                                   "invalid", "id does not match the URL",
-                                   expression=(f"{resource_type}.id",))])
+            raise _invalid(f"The body's id '{str(data['id'])[:80]}' differs from "
+                           f"'{resource_id}', the id this request updates", f"{resource_type}.id")
     issues = fhir.validate(data)
     if issues:
         raise InvalidError(f"Invalid {data['resourceType']}: {issues[0].diagnostics}",
                            issues=issues)
     return data
+
+
+def _invalid(diagnostics: str, expression: str, code: str = "invalid") -> InvalidError:
+    return InvalidError(diagnostics, issues=[Issue(code, diagnostics, expression=(expression,))])

@@ -33,3 +33,21 @@ def organization(**overrides: Any) -> dict[str, Any]:
 
 def identifier(system: str, value: str) -> list[dict[str, str]]:
     return [{"system": system, "value": value}]
+
+
+def assert_outcome(response: Any, status: int, code: str, diagnostics: str = "",
+                   expression: str | None = None) -> dict[str, Any]:
+    """Check an error answer: status, FHIR media type, and an OperationOutcome whose first
+    issue has this code, diagnostics containing `diagnostics`, and the FHIRPath given."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    body: dict[str, Any] = response.json()
+    assert body["resourceType"] == "OperationOutcome", body
+    issue = body["issue"][0]
+    assert issue["code"] == code, body
+    if status >= 400:
+        assert issue["severity"] in ("error", "fatal"), body
+    assert diagnostics in issue.get("diagnostics", ""), body
+    if expression is not None:
+        assert expression in issue.get("expression", []), body
+    return body

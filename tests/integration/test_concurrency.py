@@ -157,3 +157,22 @@ def test_racing_creates_with_the_same_client_id_keep_one_version_chain(
     statuses = Counter(r.status_code for r in responses)
     assert statuses == {201: 1, 200: 7}, [r.text for r in responses]
     assert history_versions(http, "Task/shared-id") == list(range(8, 0, -1))
+
+
+def test_racing_patches_without_if_match_all_apply(http: httpx.Client) -> None:
+    created = http.post("/Task", json=task(), headers=FHIR).json()
+    headers = {"Content-Type": "application/json-patch+json"}
+
+    def send(i: int) -> httpx.Response:
+        ops = [{"op": "add", "path": "/note/-" if i else "/note", "value":
+                {"text": f"n{i}"} if i else [{"text": "n0"}]}]
+        return http.patch(f"/Task/{created['id']}", json=ops, headers=headers)
+
+    first = send(0)
+    responses = race(10, lambda i: send(i + 1))
+
+    assert first.status_code == 200
+    assert [r.status_code for r in responses] == [200] * 10, [r.text for r in responses]
+    notes = http.get(f"/Task/{created['id']}").json()["note"]
+    assert sorted(n["text"] for n in notes) == sorted(f"n{i}" for i in range(11))
+    assert history_versions(http, f"Task/{created['id']}") == list(range(12, 0, -1))
