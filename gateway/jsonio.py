@@ -8,6 +8,7 @@ Decimal and written back verbatim.
 from __future__ import annotations
 
 import json
+import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -31,7 +32,7 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise _Reject(f"Duplicate JSON property '{key}'")
+                raise _Reject(f"Duplicate JSON property {ascii(key)}")
             seen.add(key)
     return out
 
@@ -61,16 +62,35 @@ _DECODER = json.JSONDecoder(
 )
 
 
-def _check_depth(value: Any) -> None:
+# FHIR strings allow no control characters but tab, CR and LF
+# (https://hl7.org/fhir/R4/datatypes.html#string); an unpaired surrogate is not Unicode
+# text at all and could not be written back out.
+_BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+
+
+def check_text(text: str) -> None:
+    """Refuse control characters and unpaired surrogates in client text (InvalidError)."""
+    found = _BAD_CHARS.search(text)
+    if found:
+        raise InvalidError(f"JSON string contains U+{ord(found.group()):04X}, which FHIR "
+                           "strings do not allow")
+
+
+def _check_tree(value: Any) -> None:
+    """Depth and string content of a parsed document, without recursion."""
     stack = [(value, 1)]
     while stack:
         node, depth = stack.pop()
         if depth > MAX_DEPTH:
             raise InvalidError(f"JSON nested deeper than {MAX_DEPTH} levels")
         if isinstance(node, dict):
-            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
+            for key, item in node.items():
+                check_text(key)
+                stack.append((item, depth + 1))
         elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
+            stack.extend((item, depth + 1) for item in node)
+        elif isinstance(node, str):
+            check_text(node)
 
 
 def loads(body: bytes) -> Any:
@@ -84,10 +104,11 @@ def loads(body: bytes) -> Any:
     except _Reject as exc:
         raise InvalidError(str(exc)) from exc
     except json.JSONDecodeError as exc:
-        raise InvalidError(f"Malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+        raise InvalidError(f"Malformed JSON at line {exc.lineno} column {exc.colno}: "
+                           f"{exc.msg}") from exc
     except (RecursionError, InvalidOperation, ValueError) as exc:
         raise InvalidError("Malformed JSON: nesting or number out of bounds") from exc
-    _check_depth(value)
+    _check_tree(value)
     return value
 
 

@@ -24,7 +24,12 @@ from gateway.errors import (
     UnsupportedMediaTypeError,
 )
 from gateway.services.context import Context, FhirRequest, FhirResponse
-from gateway.services.resources import body_json, check_id, valid_resource
+from gateway.services.resources import (
+    body_json,
+    check_id,
+    check_known_id,
+    valid_resource,
+)
 from gateway.services.responses import outcome_bytes, version_headers, written
 from gateway.services.search import match_ids
 from gateway.store.repository import UPDATE_RETRIES, Repository, Version
@@ -60,6 +65,8 @@ def _criteria(request: FhirRequest, resource_type: str,
         raw = raw.strip().removeprefix(f"{resource_type}?")
     pairs = parse_qsl(raw, keep_blank_values=True) if raw is not None else request.query
     pairs = [(k, v) for k, v in pairs if k not in RESULT_PARAMS]
+    for key, value in pairs:
+        jsonio.check_text(key + value)
     if not pairs:
         raise InvalidError("A conditional interaction needs search criteria that select "
                            f"{resource_type} resources, e.g. identifier=system|value")
@@ -107,6 +114,7 @@ def _existing(ctx: Context, request: FhirRequest, repo: Repository, resource_typ
 
 # -- read ---------------------------------------------------------------------------
 def read(ctx: Context, request: FhirRequest, resource_type: str, resource_id: str) -> FhirResponse:
+    check_known_id(resource_type, resource_id)
     with ctx.reading() as repo:
         version = repo.read(resource_type, resource_id)
     return _serve(ctx, request, version, f"{resource_type}/{resource_id}")
@@ -114,8 +122,10 @@ def read(ctx: Context, request: FhirRequest, resource_type: str, resource_id: st
 
 def vread(ctx: Context, request: FhirRequest, resource_type: str, resource_id: str,
           version_id: str) -> FhirResponse:
-    if not version_id.isdigit():
-        raise NotFoundError(f"{resource_type}/{resource_id} has no version '{version_id}'")
+    check_known_id(resource_type, resource_id)
+    if not version_id.isdigit() or len(version_id) > 9:
+        raise NotFoundError(f"{resource_type}/{resource_id} has no version "
+                            f"{ascii(version_id[:20])}")
     with ctx.reading() as repo:
         version = repo.vread(resource_type, resource_id, int(version_id))
     return _serve(ctx, request, version, f"{resource_type}/{resource_id}/_history/{version_id}")
@@ -195,6 +205,7 @@ def patch(ctx: Context, request: FhirRequest, resource_type: str,
     with ctx.writing() as repo:
         if resource_id is None:
             resource_id = _single_match(ctx, request, repo, resource_type)
+        check_known_id(resource_type, resource_id)
         for _ in range(UPDATE_RETRIES):
             current = _patchable(repo, resource_type, resource_id, expected)
             resource = valid_resource(_apply_patch(current.resource(), operations),
@@ -283,6 +294,7 @@ def _apply_patch(resource: dict[str, Any], operations: list[Any]) -> dict[str, A
 # -- delete -----------------------------------------------------------------------------
 def delete(ctx: Context, request: FhirRequest, resource_type: str,
            resource_id: str) -> FhirResponse:
+    check_known_id(resource_type, resource_id)
     expected = parse_etag(request.header("if-match"))
     with ctx.writing() as repo:
         version = repo.delete(resource_type, resource_id, expected_version=expected)

@@ -14,6 +14,7 @@ from sqlalchemy import and_, or_, select
 from gateway import jsonio
 from gateway.errors import InvalidError, NotFoundError
 from gateway.services.context import Context, FhirRequest, FhirResponse
+from gateway.services.resources import check_known_id
 from gateway.store import search_sql
 from gateway.store.schema import resource_history as H
 from gateway.store.timeparse import date_range, format_instant
@@ -38,6 +39,8 @@ def history(ctx: Context, request: FhirRequest, resource_type: str | None = None
     if "_cursor" in params:
         values, _ = search_sql.decode_cursor(params["_cursor"], len(_KEYS))
         stmt = stmt.where(_before(values))
+    if resource_id:
+        check_known_id(resource_type or "", resource_id)
     with ctx.reading() as repo:
         if resource_id and repo.read(resource_type or "", resource_id) is None:
             raise NotFoundError(f"{resource_type}/{resource_id} is not known")

@@ -17,9 +17,21 @@ def check_type(resource_type: str) -> None:
         raise NotFoundError(f"Unknown resource type '{resource_type}'")
 
 
+def is_id(resource_id: str) -> bool:
+    return 0 < len(resource_id) <= 64 and set(resource_id) <= ID_CHARS
+
+
 def check_id(resource_id: str) -> None:
-    if not resource_id or len(resource_id) > 64 or not set(resource_id) <= ID_CHARS:
-        raise InvalidError(f"'{resource_id[:80]}' is not a valid id: 1-64 of A-Z a-z 0-9 - .")
+    if not is_id(resource_id):
+        raise InvalidError(f"{ascii(resource_id[:80])} is not a valid id: 1-64 of A-Z a-z "
+                           "0-9 - .")
+
+
+def check_known_id(resource_type: str, resource_id: str) -> None:
+    """A read of an id no resource can have is a 404 without asking the database."""
+    if not is_id(resource_id):
+        raise NotFoundError(f"{resource_type}/{ascii(resource_id[:80])} is not known: "
+                            "not a valid id")
 
 
 def body_json(request: FhirRequest) -> Any:
