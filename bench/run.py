@@ -50,6 +50,8 @@ SCENARIOS = [
     Scenario("read", "read Task (GET by id)", "bare-get"),
     Scenario("update", "update Task (PUT)", "bare-post"),
     Scenario("search", "search Task status+owner", "bare-get"),
+    # Latency without queueing behind other clients: the search target applies here.
+    Scenario("search-1", "search Task status+owner", "bare-get", max_connections=1),
     Scenario("transaction", "transaction, 100 entries", "bare-post", max_connections=4),
 ]
 # Targets for SQLite on one worker (see PERFORMANCE.md): share of the bare endpoint's req/s,
@@ -265,10 +267,10 @@ def verdicts(results: dict[str, Any], tasks: int) -> dict[str, str]:
         if ratio is not None:
             ok = ratio >= minimum
             out[name] = f">= {minimum:.0%} of bare: {'ok' if ok else 'MISSED'}"
-    p99 = results["search"]["p99_ms"]
+    p99 = results["search-1"]["p99_ms"]
     scale = "" if tasks >= 100_000 else f" (only {tasks} Tasks)"
     ok = p99 is not None and p99 < MAX_SEARCH_P99_MS
-    out["search"] = f"p99 < {MAX_SEARCH_P99_MS:g} ms at 100k: {'ok' if ok else 'MISSED'}{scale}"
+    out["search-1"] = f"p99 < {MAX_SEARCH_P99_MS:g} ms at 100k: {'ok' if ok else 'MISSED'}{scale}"
     return out
 
 
@@ -295,7 +297,8 @@ def table(report: dict[str, Any]) -> str:
         shown = f"{ratio:.1%}" if ratio is not None else "-"
         label = scenario.label
         if row.get("connections") != report["connections"]:
-            label = f"{label} ({row.get('connections')} conns)"
+            count = row.get("connections")
+            label = f"{label} ({count} conn{'s' if count != 1 else ''})"
         lines.append(f"{label:<36}{row['rps']:>10,.1f}{_ms(row['p50_ms'])}"
                      f"{_ms(row['p99_ms'])}{row['errors']:>8}{shown:>9}  "
                      f"{targets.get(scenario.name, '')}".rstrip())

@@ -24,7 +24,8 @@ Builder = Callable[[int, int, random.Random], Request]
 """(connection number, sequence number, connection's random) -> (method, path, body)."""
 
 EXPECTED_STATUS = {"bare-get": 200, "bare-post": 201, "load": 200, "create": 201,
-                   "read": 200, "update": 200, "search": 200, "transaction": 200}
+                   "read": 200, "update": 200, "search": 200, "search-1": 200,
+                   "transaction": 200}
 
 
 def task_id(n: int) -> str:
@@ -79,7 +80,7 @@ def builder(scenario: str, params: dict[str, Any]) -> Builder:
         return lambda c, i, rng: ("GET", f"/fhir/Task/{task_id(rng.randrange(tasks))}", None)
     if scenario == "update":
         return _update(tasks, connections)
-    if scenario == "search":
+    if scenario in ("search", "search-1"):
         return lambda c, i, rng: (
             "GET", f"/fhir/Task?status=ready&owner=Organization/org-"
                    f"{rng.randrange(ORGANISATIONS)}&_count=20", None)
