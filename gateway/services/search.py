@@ -29,9 +29,11 @@ def lenient(request: FhirRequest) -> bool:
 
 def parse_query(ctx: Context, request: FhirRequest, resource_type: str | None,
                 pairs: list[tuple[str, str]] | None = None) -> sq.SearchQuery:
-    return sq.parse(resource_type, request.query if pairs is None else pairs,
-                    lenient=lenient(request), default_count=ctx.settings.default_page_size,
-                    max_count=ctx.settings.max_page_size)
+    query = sq.parse(resource_type, request.query if pairs is None else pairs,
+                     lenient=lenient(request), default_count=ctx.settings.default_page_size,
+                     max_count=ctx.settings.max_page_size)
+    query.base_url = ctx.base_url
+    return query
 
 
 def match_ids(ctx: Context, repo: Repository, resource_type: str,
@@ -40,6 +42,7 @@ def match_ids(ctx: Context, repo: Repository, resource_type: str,
     query = sq.parse(resource_type, criteria, lenient=False, default_count=limit,
                      max_count=limit)
     query.count = limit
+    query.base_url = ctx.base_url
     stmt = select(resources.c.res_id).where(*search_sql.matches(query)).limit(limit)
     return list(repo.conn.execute(stmt).scalars())
 
@@ -75,11 +78,15 @@ def run(ctx: Context, repo: Repository, query: sq.SearchQuery) -> dict[str, Any]
                             and bool(rows))
     matches = [_row_version(r) for r in rows]
     entries = [_entry(ctx, v, "match", query) for v in matches]
-    included = _included(repo, ctx, query, matches)
+    included, cut = _included(repo, ctx, query, matches)
     entries.extend(_entry(ctx, v, "include", query) for v in included)
-    if query.ignored:
-        entries.append({"resource": operation_outcome(query.ignored),
-                        "search": {"mode": "outcome"}})
+    issues = list(query.ignored)
+    if cut:
+        issues.append(Issue("too-costly", "Included resources were cut at "
+                            f"{ctx.settings.max_include} (the server's limit per page)",
+                            severity="warning"))
+    if issues:
+        entries.append({"resource": operation_outcome(issues), "search": {"mode": "outcome"}})
     bundle["entry"] = entries
     return bundle
 
@@ -121,56 +128,63 @@ def _links(ctx: Context, query: sq.SearchQuery, rows: list[Any], width: int, has
 
 # -- _include / _revinclude -----------------------------------------------------------------
 def _included(repo: Repository, ctx: Context, query: sq.SearchQuery,
-              matches: list[Version]) -> list[Version]:
+              matches: list[Version]) -> tuple[list[Version], bool]:
+    """Resources that _include/_revinclude add to a page, and whether the limit cut them."""
     if not (query.includes or query.revincludes) or not matches:
-        return []
+        return [], False
     seen = {(v.resource_type, v.id) for v in matches}
     found: list[Version] = []
     frontier = matches
     for depth in range(MAX_INCLUDE_DEPTH):
         includes = [i for i in query.includes if depth == 0 or i.iterate]
         revincludes = [i for i in query.revincludes if depth == 0 or i.iterate]
-        keys = _forward(repo, includes, frontier) + _reverse(repo, revincludes, frontier)
+        keys = (_forward(repo, ctx.base_url, includes, frontier)
+                + _reverse(repo, ctx.base_url, revincludes, frontier))
         fresh = [k for k in dict.fromkeys(keys) if k not in seen]
-        room = ctx.settings.max_include - len(found)
-        if not fresh or room <= 0:
+        if not fresh:
             break
         seen.update(fresh)
-        loaded = repo.read_many(fresh[:room])
-        frontier = [loaded[k] for k in fresh[:room] if k in loaded]
-        found.extend(frontier)
-    return found
+        loaded = repo.read_many(fresh)
+        frontier = [loaded[k] for k in fresh if k in loaded]
+        room = ctx.settings.max_include - len(found)
+        found.extend(frontier[:room])
+        if len(frontier) > room:
+            return found, True
+    return found, False
 
 
-def _forward(repo: Repository, includes: list[sq.Include],
+def _forward(repo: Repository, base: str, includes: list[sq.Include],
              frontier: list[Version]) -> list[tuple[str, str]]:
     keys: list[tuple[str, str]] = []
+    ref = sp_reference
     for inc in includes:
         ids = [v.id for v in frontier if v.resource_type == inc.source]
         if not ids:
             continue
-        stmt = select(sp_reference.c.target_type, sp_reference.c.target_id).where(
-            sp_reference.c.res_type == inc.source, sp_reference.c.res_id.in_(ids),
-            sp_reference.c.param == inc.param, sp_reference.c.target_id.is_not(None))
+        stmt = select(ref.c.target_type, ref.c.target_id).where(
+            ref.c.res_type == inc.source, ref.c.res_id.in_(ids), ref.c.param == inc.param,
+            ref.c.target_id.is_not(None), search_sql.local_reference(ref, base))
         if inc.target:
-            stmt = stmt.where(sp_reference.c.target_type == inc.target)
+            stmt = stmt.where(ref.c.target_type == inc.target)
         keys.extend((t, i) for t, i in repo.conn.execute(stmt) if t)
     return keys
 
 
-def _reverse(repo: Repository, revincludes: list[sq.Include],
+def _reverse(repo: Repository, base: str, revincludes: list[sq.Include],
              frontier: list[Version]) -> list[tuple[str, str]]:
     keys: list[tuple[str, str]] = []
+    ref = sp_reference
     for inc in revincludes:
-        targets = [v for v in frontier if inc.target in (None, v.resource_type)]
         by_type: dict[str, list[str]] = {}
-        for v in targets:
-            by_type.setdefault(v.resource_type, []).append(v.id)
+        for v in frontier:
+            if inc.target in (None, v.resource_type):
+                by_type.setdefault(v.resource_type, []).append(v.id)
         for target_type, ids in by_type.items():
-            stmt = select(sp_reference.c.res_type, sp_reference.c.res_id).where(
-                sp_reference.c.res_type == inc.source, sp_reference.c.param == inc.param,
-                sp_reference.c.target_type == target_type, sp_reference.c.target_id.in_(ids))
-            keys.extend(repo.conn.execute(stmt).tuples())
+            stmt = select(ref.c.res_type, ref.c.res_id).where(
+                ref.c.res_type == inc.source, ref.c.param == inc.param,
+                ref.c.target_type == target_type, ref.c.target_id.in_(ids),
+                search_sql.local_reference(ref, base))
+            keys.extend((t, i) for t, i in repo.conn.execute(stmt))
     return keys
 
 

@@ -26,10 +26,24 @@ class Value:
     fhir_type: str | None = None
 
 
+# The data types a choice element `value[x]` may take, as they end its JSON name: only
+# these make `valueQuantity` an answer to `value` (and not `statusReason` to `status`).
+CHOICE_SUFFIXES = frozenset({
+    "Base64Binary", "Boolean", "Canonical", "Code", "Date", "DateTime", "Decimal", "Id",
+    "Instant", "Integer", "Markdown", "Oid", "PositiveInt", "String", "Time", "UnsignedInt",
+    "Uri", "Url", "Uuid", "Address", "Age", "Annotation", "Attachment", "CodeableConcept",
+    "Coding", "ContactPoint", "Count", "Distance", "Duration", "HumanName", "Identifier",
+    "Money", "Period", "Quantity", "Range", "Ratio", "Reference", "SampledData", "Signature",
+    "Timing", "ContactDetail", "Contributor", "DataRequirement", "Expression",
+    "ParameterDefinition", "RelatedArtifact", "TriggerDefinition", "UsageContext", "Dosage",
+    "Meta",
+})
+
 _AS_PAREN = re.compile(r"^\((?P<path>[\w.]+) as (?P<type>\w+)\)(?P<rest>(\.\w+)*)$")
 _AS_CALL = re.compile(r"^(?P<path>[\w.]+)\.as\((?P<type>\w+)\)(?P<rest>(\.\w+)*)$")
 _WHERE_RESOLVE = re.compile(r"^(?P<path>[\w.]+)\.where\(resolve\(\) is (?P<type>\w+)\)$")
-_WHERE_EQ = re.compile(r"^(?P<path>[\w.]+)\.where\((?P<field>\w+) ?= ?'(?P<lit>[^']*)'\)(?P<rest>(\.\w+)*)$")
+_WHERE_EQ = re.compile(
+    r"^(?P<path>[\w.]+)\.where\((?P<field>\w+) ?= ?'(?P<lit>[^']*)'\)(?P<rest>(\.\w+)*)$")
 _PLAIN = re.compile(r"^[\w.]+$")
 
 
@@ -58,8 +72,7 @@ def _children(node: Any, name: str, cast: str | None = None) -> list[Any]:
         found = node[name]
     else:
         found = next((v for k, v in node.items()
-                      if k.startswith(name) and len(k) > len(name) and k[len(name)].isupper()),
-                     None)
+                      if k.startswith(name) and k[len(name):] in CHOICE_SUFFIXES), None)
     if found is None:
         return []
     return found if isinstance(found, list) else [found]
@@ -118,7 +131,7 @@ def _fallback(expression: str) -> Extractor:
 
     def extract(r: dict[str, Any]) -> list[Value]:
         try:
-            return [Value(v) for v in compiled(r)]
+            return [Value(v) for v in compiled(r, {})]
         except Exception:  # noqa: BLE001 - a definition we cannot evaluate indexes nothing
             return []
     return extract

@@ -66,6 +66,8 @@ def _references(value: Any) -> Iterator[tuple[str | None, str | None, str | None
     """(target type, target id, url) of a Reference, canonical or uri."""
     ref = value.get("reference") if isinstance(value, dict) else value
     if not isinstance(ref, str):
+        if isinstance(value, dict) and value:  # identifier or display only: present, so
+            yield None, None, None             # `:missing=true` must not match it
         return
     path = ref.split("|")[0].split("/_history/")[0]
     parts = path.rstrip("/").split("/")
@@ -116,8 +118,8 @@ def _date_span(value: Any) -> tuple[int, int] | None:
             start = date_range(value["start"]) if "start" in value else None
             end = date_range(value["end"]) if "end" in value else None
             return ((start[0] if start else -(2**62)), (end[1] if end else 2**62))
-        events = [date_range(e) for e in value.get("event", []) if isinstance(e, str)]
-        events = [e for e in events if e]
+        spans = (date_range(e) for e in value.get("event", []) if isinstance(e, str))
+        events = [e for e in spans if e is not None]
         if events:  # Timing: from the first to the last event
             return min(e[0] for e in events), max(e[1] for e in events)
     return None
@@ -169,6 +171,7 @@ def index_rows(resource: dict[str, Any]) -> dict[str, list[Row]]:
             for v in values:
                 ident = v.value.get("identifier") if isinstance(v.value, dict) else None
                 for system, code, _ in _tokens(ident):
-                    out["token"].append({"param": f"{param.code}:identifier", "system": _cut(system),
-                                         "code": _cut(code), "text": None})
+                    out["token"].append({"param": f"{param.code}:identifier",
+                                         "system": _cut(system), "code": _cut(code),
+                                         "text": None})
     return out

@@ -88,16 +88,18 @@ class SearchQuery:
     elements: list[str] = field(default_factory=list)
     total: str | None = None
     cursor: str | None = None
+    base_url: str | None = None  # absolute references on this base are local ones
     ignored: list[Issue] = field(default_factory=list)
     raw: list[tuple[str, str]] = field(default_factory=list)  # what the links repeat
 
 
 def _split_values(raw: str) -> list[str]:
-    """Comma-separated values; a backslash escapes `,`, `$` and `|`."""
+    """Comma-separated values; `\\,` is a literal comma. Other escapes (`\\|`, `\\$`,
+    `\\\\`) are kept for the type's own parser, which knows where `|` separates parts."""
     out, current, escaped = [], [], False
     for ch in raw:
         if escaped:
-            current.append(ch)
+            current.append(ch if ch == "," else "\\" + ch)
             escaped = False
         elif ch == "\\":
             escaped = True
@@ -106,8 +108,21 @@ def _split_values(raw: str) -> list[str]:
             current = []
         else:
             current.append(ch)
+    if escaped:
+        current.append("\\")
     out.append("".join(current))
     return out
+
+
+def _unescape(raw: str) -> str:
+    """Drop the backslash of `\\|`, `\\$` and `\\\\` in a value that has no parts."""
+    out, i = [], 0
+    while i < len(raw):
+        if raw[i] == "\\" and i + 1 < len(raw):
+            i += 1
+        out.append(raw[i])
+        i += 1
+    return "".join(out)
 
 
 def _split_pipe(raw: str) -> list[str]:
@@ -144,20 +159,24 @@ def parse_token(raw: str) -> TokenValue:
 
 def parse_date(raw: str) -> RangeValue:
     prefix, text = _prefix(raw)
-    span = date_range(text)
+    # An unencoded `+` of a zone offset arrives as a space: take it back.
+    span = date_range(text.replace(" ", "+"))
     if span is None:
         raise InvalidError(f"Malformed date '{raw}': expected e.g. 2024-03-01 or ge2024-03")
     return RangeValue(prefix, span[0], span[1])
 
 
 def _decimal_bounds(text: str) -> tuple[float, float, float]:
+    """The value and the range its precision implies: 100 is [99.5, 100.5]."""
     try:
         number = Decimal(text)
     except InvalidOperation as exc:
         raise InvalidError(f"Malformed number '{text}'") from exc
-    if not number.is_finite():
+    # Beyond what a double holds the index cannot compare: refuse rather than overflow.
+    if not number.is_finite() or not -300 <= number.adjusted() <= 300:
         raise InvalidError(f"Malformed number '{text}'")
-    half = Decimal(5).scaleb(number.as_tuple().exponent - 1)  # type: ignore[operator]
+    exponent = int(number.as_tuple().exponent)
+    half = Decimal(5).scaleb(max(exponent, -330) - 1)
     return float(number), float(number - half), float(number + half)
 
 
@@ -179,6 +198,8 @@ def parse_quantity(raw: str) -> RangeValue:
 
 
 def parse_reference(raw: str, targets: tuple[str, ...], type_modifier: str | None) -> RefValue:
+    """Type/id, a bare id, or an absolute URL (matched as local when on our base)."""
+    raw = _unescape(raw)
     if "://" in raw or raw.startswith("urn:"):
         tail = raw.split("/_history/")[0].rstrip("/").split("/")
         if len(tail) >= 2 and is_resource_type(tail[-2]):
@@ -203,6 +224,8 @@ def _values(param: SearchParam, modifier: str | None, raw: str) -> tuple[object,
     items = _split_values(raw)
     if param.type == "token" and modifier != "text":
         return tuple(parse_token(v) for v in items)
+    if param.type == "token" or param.type in ("string", "uri"):
+        return tuple(_unescape(v) for v in items)
     if param.type == "reference" and modifier == "identifier":
         return tuple(parse_token(v) for v in items)
     if param.type == "reference":
@@ -214,7 +237,7 @@ def _values(param: SearchParam, modifier: str | None, raw: str) -> tuple[object,
         return tuple(parse_number(v) for v in items)
     if param.type == "quantity":
         return tuple(parse_quantity(v) for v in items)
-    return tuple(items)
+    raise InvalidError(f"Search parameter '{param.code}' has an unsupported type {param.type}")
 
 
 def _check_modifier(param: SearchParam, modifier: str | None) -> None:
@@ -240,7 +263,8 @@ def parse_criterion(resource_type: str, name: str, raw: str, depth: int = 0) -> 
         if modifier_or_none not in (None, "missing", "not"):
             raise NotSupportedError(f"Modifier :{modifier} is not supported on _id")
         return Criterion("_id", "special", modifier_or_none,
-                         (raw == "true",) if modifier == "missing" else tuple(_split_values(raw)))
+                         (raw == "true",) if modifier == "missing" else
+                         tuple(_unescape(v) for v in _split_values(raw)))
     if code == "_lastUpdated":
         if modifier_or_none:
             raise NotSupportedError(f"Modifier :{modifier} is not supported on _lastUpdated")
@@ -262,16 +286,22 @@ def _parse_chain(resource_type: str, param: SearchParam, modifier: str | None, c
     if param.type != "reference":
         raise InvalidError(f"'{param.code}' is not a reference: it cannot be chained")
     if depth >= 1 or "." in chain:
-        raise NotSupportedError("Only one level of chaining is supported")
+        raise NotSupportedError(f"Chain '{param.code}.{chain}' has more than one level: "
+                                "only one level of chaining is supported")
+    if modifier is not None and (not is_resource_type(modifier) or modifier not in param.targets):
+        raise InvalidError(f"'{param.code}' cannot refer to {modifier}")
+    inner_code = chain.split(":")[0]
     targets = [modifier] if modifier else [t for t in param.targets if is_resource_type(t)]
-    if len(targets) != 1:
-        target = next((t for t in targets if chain.split(":")[0] in params_for(t)), None)
-        if target is None or sum(chain.split(":")[0] in params_for(t) for t in targets) > 1:
-            raise InvalidError(f"Chain '{param.code}.{chain}' is ambiguous: name the target "
-                               f"type, e.g. {param.code}:Patient.{chain}")
-        targets = [target]
-    inner = parse_criterion(targets[0], chain, raw, depth + 1)
-    return Criterion(param.code, "reference", None, (), chain=(targets[0], inner))
+    candidates = [t for t in targets if inner_code in params_for(t)]
+    if not candidates:
+        raise InvalidError(f"No target type of '{param.code}' has a search parameter "
+                           f"'{inner_code}'")
+    if len(candidates) > 1:
+        raise InvalidError(f"Chain '{param.code}.{chain}' is ambiguous: name the target "
+                           f"type ({', '.join(candidates)}), "
+                           f"e.g. {param.code}:{candidates[0]}.{chain}")
+    inner = parse_criterion(candidates[0], chain, raw, depth + 1)
+    return Criterion(param.code, "reference", None, (), chain=(candidates[0], inner))
 
 
 def _parse_has(resource_type: str, name: str, raw: str, depth: int) -> Criterion:
@@ -359,7 +389,7 @@ def _apply(query: SearchQuery, name: str, raw: str, max_count: int) -> None:
     elif base in UNSUPPORTED:
         raise NotSupportedError(f"Search parameter '{base}' is not supported")
     elif query.resource_type is None:
-        if base not in ("_id", "_lastUpdated"):
+        if base not in params_for("Resource"):  # only what every resource type has
             raise InvalidError(f"'{name}' needs a resource type: search /fhir/Type?{name}=…")
         query.criteria.append(parse_criterion("Resource", name, raw))
     else:

@@ -19,7 +19,6 @@ from sqlalchemy import (
     exists,
     false,
     func,
-    literal,
     not_,
     or_,
     select,
@@ -31,6 +30,7 @@ from gateway.store.indexing import normalize
 from gateway.store.schema import INDEX_TABLES, resources, sp_reference, sp_token
 from gateway.store.search_params import params_for
 from gateway.store.search_query import Criterion, RangeValue, RefValue, SearchQuery, TokenValue
+from gateway.store.timeparse import now_micros
 
 R = resources
 
@@ -55,7 +55,9 @@ def _token_match(t: Any, v: TokenValue) -> ColumnElement[bool]:
     return and_(true(), *conds)
 
 
-def _range_match(col_low: Any, col_high: Any, v: RangeValue) -> ColumnElement[bool]:
+def _range_match(col_low: Any, col_high: Any, v: RangeValue,
+                 is_date: bool = False) -> ColumnElement[bool]:
+    """The prefix semantics of https://hl7.org/fhir/R4/search.html#prefix on ranges."""
     low, high = v.low, v.high
     match v.prefix:
         case "eq":
@@ -74,12 +76,46 @@ def _range_match(col_low: Any, col_high: Any, v: RangeValue) -> ColumnElement[bo
             return col_low > high
         case "eb":
             return col_high < low
-        case _:  # ap: within 10% of the value's distance, at least its own range
-            slack = abs(low) * 0.1
+        case _:  # ap: the spec recommends 10% of the value, of its gap to now for dates
+            slack = abs((now_micros() if is_date else 0) - low) * 0.1
             return and_(col_low <= high + slack, col_high >= low - slack)
 
 
-def _value_match(kind: str, t: Any, modifier: str | None, value: object) -> ColumnElement[bool]:
+def local_reference(t: Any, base: str | None) -> ColumnElement[bool]:
+    """A relative reference, or an absolute one on our own base."""
+    if base is None:
+        return true()
+    return or_(t.c.url.is_(None), t.c.url.like(_like_escape(base) + "/%", escape="\\"))
+
+
+def _reference_match(t: Any, v: RefValue, base: str | None) -> ColumnElement[bool]:
+    on_our_base = base is not None and v.url is not None and v.url.startswith(base + "/")
+    if v.id is None or (v.url is not None and not on_our_base):
+        return t.c.url == v.url
+    cond = t.c.target_id == v.id
+    if v.type:
+        cond = and_(cond, t.c.target_type == v.type)
+    return and_(cond, local_reference(t, base))
+
+
+def _uri_match(t: Any, modifier: str | None, text: str) -> ColumnElement[bool]:
+    if modifier == "below":  # the URL itself or anything under it, by path segment
+        stem = text.rstrip("/")
+        return or_(t.c.value == text, t.c.value.like(_like_escape(stem) + "/%", escape="\\"))
+    if modifier == "above":  # the URL itself or any of its parent paths
+        return t.c.value.in_(_parents(text))
+    return t.c.value == text
+
+
+def _parents(url: str) -> list[str]:
+    """`http://a.org/x/y` → itself, `http://a.org/x`, `http://a.org`."""
+    scheme, sep, rest = url.partition("://")
+    head, parts = (scheme + sep, rest.split("/")) if sep else ("", url.split("/"))
+    return [head + "/".join(parts[:n]) for n in range(len(parts), 0, -1) if parts[n - 1]]
+
+
+def _value_match(kind: str, t: Any, modifier: str | None, value: object,
+                 base: str | None) -> ColumnElement[bool]:
     if kind == "string":
         text = str(value)
         if modifier == "exact":
@@ -94,13 +130,10 @@ def _value_match(kind: str, t: Any, modifier: str | None, value: object) -> Colu
         return _token_match(t, value)
     if kind == "reference":
         assert isinstance(value, RefValue)
-        if value.id is None:
-            return t.c.url == value.url
-        cond = t.c.target_id == value.id
-        return and_(cond, t.c.target_type == value.type) if value.type else cond
+        return _reference_match(t, value, base)
     if kind == "date":
         assert isinstance(value, RangeValue)
-        return _range_match(t.c.low, t.c.high, value)
+        return _range_match(t.c.low, t.c.high, value, is_date=True)
     if kind in ("number", "quantity"):
         assert isinstance(value, RangeValue)
         cond = _range_match(t.c.value, t.c.value, value)
@@ -110,17 +143,13 @@ def _value_match(kind: str, t: Any, modifier: str | None, value: object) -> Colu
             cond = and_(cond, t.c.system == value.system)
         return cond
     if kind == "uri":
-        text = str(value)
-        if modifier == "below":
-            return t.c.value.like(f"{_like_escape(text)}%", escape="\\")
-        if modifier == "above":
-            return literal(text).like(t.c.value + "%")
-        return t.c.value == text
+        return _uri_match(t, modifier, str(value))
     raise InvalidError(f"Unsupported parameter type {kind}")
 
 
-def criterion_sql(c: Criterion, outer: Any = R) -> ColumnElement[bool]:
-    """A boolean SQL condition on `outer` (a resources alias) for one criterion."""
+def criterion_sql(c: Criterion, outer: Any = R, base: str | None = None) -> ColumnElement[bool]:
+    """A boolean SQL condition on `outer` (a resources alias) for one criterion; `base` is
+    the server's base URL, under which absolute references count as local."""
     if c.name == "_id":
         if c.modifier == "missing":
             return false() if c.values[0] else true()
@@ -128,11 +157,12 @@ def criterion_sql(c: Criterion, outer: Any = R) -> ColumnElement[bool]:
         return not_(cond) if c.modifier == "not" else cond
     if c.name == "_lastUpdated":
         col = outer.c.last_updated
-        return or_(*(_range_match(col, col, v) for v in c.values if isinstance(v, RangeValue)))
+        return or_(*(_range_match(col, col, v, is_date=True) for v in c.values
+                     if isinstance(v, RangeValue)))
     if c.has is not None:
-        return _has_sql(c, outer)
+        return _has_sql(c, outer, base)
     if c.chain is not None:
-        return _chain_sql(c, outer)
+        return _chain_sql(c, outer, base)
     table = INDEX_TABLES[c.type]
     if c.type == "reference" and c.modifier == "identifier":
         table = sp_token
@@ -144,24 +174,25 @@ def criterion_sql(c: Criterion, outer: Any = R) -> ColumnElement[bool]:
         present = exists().where(owned)
         return not_(present) if c.values[0] else present
     if c.modifier == "not":  # none of the resource's values match (missing ones do)
-        return not_(exists().where(owned, or_(*(_value_match(c.type, table, None, v)
+        return not_(exists().where(owned, or_(*(_value_match(c.type, table, None, v, base)
                                                  for v in c.values))))
-    return exists().where(owned, or_(*(_value_match(c.type, table, c.modifier, v)
+    return exists().where(owned, or_(*(_value_match(c.type, table, c.modifier, v, base)
                                        for v in c.values)))
 
 
-def _chain_sql(c: Criterion, outer: Any) -> ColumnElement[bool]:
+def _chain_sql(c: Criterion, outer: Any, base: str | None) -> ColumnElement[bool]:
     assert c.chain is not None
     target_type, inner = c.chain
     target = R.alias("chain_target")
     ref = sp_reference.alias("chain_ref")
     return exists().where(
         _owned(ref, outer, c.name), ref.c.target_type == target_type,
+        local_reference(ref, base),
         target.c.res_type == target_type, target.c.res_id == ref.c.target_id,
-        target.c.deleted.is_(False), criterion_sql(inner, target))
+        target.c.deleted.is_(False), criterion_sql(inner, target, base))
 
 
-def _has_sql(c: Criterion, outer: Any) -> ColumnElement[bool]:
+def _has_sql(c: Criterion, outer: Any, base: str | None) -> ColumnElement[bool]:
     assert c.has is not None
     source_type, ref_param, inner = c.has
     source = R.alias("has_source")
@@ -169,8 +200,9 @@ def _has_sql(c: Criterion, outer: Any) -> ColumnElement[bool]:
     return exists().where(
         ref.c.res_type == source_type, ref.c.param == ref_param,
         ref.c.target_type == outer.c.res_type, ref.c.target_id == outer.c.res_id,
-        source.c.res_type == source_type, source.c.res_id == ref.c.res_id,
-        source.c.deleted.is_(False), criterion_sql(inner, source))
+        local_reference(ref, base), source.c.res_type == source_type,
+        source.c.res_id == ref.c.res_id, source.c.deleted.is_(False),
+        criterion_sql(inner, source, base))
 
 
 # -- sorting and keyset paging -------------------------------------------------------
@@ -223,6 +255,8 @@ def encode_cursor(values: list[Any], backwards: bool = False) -> str:
 
 
 def decode_cursor(text: str, width: int) -> tuple[list[Any], bool]:
+    """The sort values and direction in a cursor; anything a client could have altered
+    into a value the database would choke on is rejected here, as a 400."""
     try:
         data = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
         values, backwards = data["v"], bool(data["b"])
@@ -230,14 +264,36 @@ def decode_cursor(text: str, width: int) -> tuple[list[Any], bool]:
         raise InvalidError("Malformed paging cursor") from exc
     if not isinstance(values, list) or len(values) != width:
         raise InvalidError("Paging cursor does not belong to this search")
+    if not all(_plain(v) for v in values):
+        raise InvalidError("Malformed paging cursor")
     return values, backwards
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    if isinstance(value, str):
+        return "\x00" not in value
+    return value is None or isinstance(value, float)
+
+
+def _check_types(keys: list[tuple[Any, bool]], values: list[Any]) -> None:
+    """Each cursor value must have its sort key's type (PostgreSQL would fail otherwise)."""
+    for (expr, _), value in zip(keys, values, strict=True):
+        wanted = expr.type.python_type
+        ok = value is None or isinstance(value, wanted) or (
+            wanted is float and isinstance(value, int))
+        if not ok:
+            raise InvalidError("Malformed paging cursor")
 
 
 def matches(query: SearchQuery) -> list[ColumnElement[bool]]:
     conds: list[ColumnElement[bool]] = [R.c.deleted.is_(False)]
     if query.resource_type is not None:
         conds.append(R.c.res_type == query.resource_type)
-    conds.extend(criterion_sql(c) for c in query.criteria)
+    conds.extend(criterion_sql(c, R, query.base_url) for c in query.criteria)
     return conds
 
 
@@ -248,6 +304,7 @@ def page_statement(query: SearchQuery) -> tuple[Select[Any], list[tuple[Any, boo
     backwards = False
     if query.cursor:
         values, backwards = decode_cursor(query.cursor, len(keys))
+        _check_types(keys, values)
         conds.append(_after(keys, values, backwards))
     order = []
     for expr, desc in keys:
