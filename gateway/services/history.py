@@ -37,8 +37,7 @@ def history(ctx: Context, request: FhirRequest, resource_type: str | None = None
         stmt = stmt.where(H.c.res_id == resource_id)
     stmt = _time_window(stmt, params)
     if "_cursor" in params:
-        values, _ = search_sql.decode_cursor(params["_cursor"], len(_KEYS))
-        stmt = stmt.where(_before(values))
+        stmt = stmt.where(_before(_cursor_values(params["_cursor"])))
     if resource_id:
         check_known_id(resource_type or "", resource_id)
     with ctx.reading() as repo:
@@ -77,6 +76,17 @@ def _time_window(stmt: Any, params: dict[str, str]) -> Any:
             stmt = stmt.where(H.c.last_updated >= span[0]) if name == "_since" else \
                 stmt.where(H.c.last_updated <= span[1])
     return stmt
+
+
+def _cursor_values(cursor: str) -> list[Any]:
+    """(lastUpdated, type, id, version) of the last entry served; a client could have
+    edited them into values the database refuses to compare, so they are checked."""
+    values, _ = search_sql.decode_cursor(cursor, len(_KEYS))
+    shapes = (int, str, str, int)
+    if not all(isinstance(v, t) and not isinstance(v, bool) for v, t in zip(values, shapes,
+                                                                             strict=True)):
+        raise InvalidError("Malformed paging cursor")
+    return values
 
 
 def _before(values: list[Any]) -> Any:

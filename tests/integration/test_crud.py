@@ -424,3 +424,23 @@ def test_read_with_format_json_returns_the_resource(client: TestClient) -> None:
 
     assert response.status_code == 200
     assert response.json()["id"] == resource_id
+
+
+# -- decimal precision -------------------------------------------------------------------------
+def test_decimals_keep_their_written_precision_on_every_path(client: TestClient) -> None:
+    raw = (b'{"resourceType": "Task", "status": "ready", "intent": "order", "input": ['
+           b'{"type": {"text": "dose"}, "valueDecimal": 1.50},'
+           b'{"type": {"text": "ratio"}, "valueDecimal": 0.000100}]}')
+    wire = b'"valueDecimal":1.50},{"type":{"text":"ratio"},"valueDecimal":0.000100}'
+
+    created = client.post("/fhir/Task", content=raw, headers=FHIR)
+    resource_id = created.json()["id"]
+
+    assert created.status_code == 201
+    for path in (f"/fhir/Task/{resource_id}", f"/fhir/Task/{resource_id}/_history/1",
+                 f"/fhir/Task/{resource_id}/_history", f"/fhir/Task?_id={resource_id}"):
+        assert wire in client.get(path).content, path
+    assert wire in created.content
+    updated = client.put(f"/fhir/Task/{resource_id}", headers=FHIR,
+                         content=raw[:-1] + b', "id": "' + resource_id.encode() + b'"}')
+    assert wire in updated.content
