@@ -31,7 +31,7 @@ async def read_body(request: Request, limit: int) -> bytes | None:
     if request.method in ("GET", "HEAD", "DELETE") and not request.headers.get("content-length"):
         return None
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise TooLargeError(f"Body of {declared} bytes exceeds the limit of {limit}")
     chunks, size = [], 0
     async for chunk in request.stream():

@@ -45,7 +45,7 @@ def parse_etag(value: str | None) -> int | None:
     text = value.strip()
     text = text[2:] if text.startswith(("W/", "w/")) else text
     text = text.strip('"')
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise InvalidError(f"Malformed ETag '{value}': expected W/\"<version>\"")
     return int(text)
 
@@ -123,7 +123,7 @@ def read(ctx: Context, request: FhirRequest, resource_type: str, resource_id: st
 def vread(ctx: Context, request: FhirRequest, resource_type: str, resource_id: str,
           version_id: str) -> FhirResponse:
     check_known_id(resource_type, resource_id)
-    if not version_id.isdigit() or len(version_id) > 9:
+    if not (version_id.isascii() and version_id.isdigit()) or len(version_id) > 9:
         raise NotFoundError(f"{resource_type}/{resource_id} has no version "
                             f"{ascii(version_id[:20])}")
     with ctx.reading() as repo:

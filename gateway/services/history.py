@@ -62,7 +62,7 @@ def history(ctx: Context, request: FhirRequest, resource_type: str | None = None
 def _count(ctx: Context, raw: str | None) -> int:
     if raw is None:
         return ctx.settings.default_page_size
-    if not raw.isdigit() or int(raw) == 0:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) == 0:
         raise InvalidError("_count must be a positive integer")
     return min(int(raw), ctx.settings.max_page_size)
 

@@ -363,7 +363,7 @@ def parse(resource_type: str | None, pairs: list[tuple[str, str]], *, lenient: b
 def _apply(query: SearchQuery, name: str, raw: str, max_count: int) -> None:
     base = name.split(":")[0].split(".")[0]
     if base == "_count":
-        if not raw.isdigit():
+        if not (raw.isascii() and raw.isdigit()):
             raise InvalidError("_count must be a non-negative integer")
         query.count = min(int(raw), max_count)
     elif base == "_sort":

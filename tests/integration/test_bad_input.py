@@ -168,7 +168,9 @@ def test_update_with_non_string_id_returns_400(client: TestClient) -> None:
 @pytest.mark.parametrize("path", ["/fhir/Task/%00", "/fhir/Task/" + "x" * 5000,
                                   "/fhir/Task/a_b", "/fhir/Task/%00/_history",
                                   "/fhir/Task/%00/_history/1", "/fhir/Task/ok/_history/1%00",
-                                  "/fhir/Task/ok/_history/99999999999"])
+                                  "/fhir/Task/ok/_history/99999999999",
+                                  "/fhir/Task/ok/_history/%C2%B2",
+                                  "/fhir/Task/ok/_history/%EF%BC%91"])
 def test_read_of_impossible_id_or_version_returns_404(client: TestClient, path: str) -> None:
     response = client.get(path)
 
@@ -324,4 +326,14 @@ def test_conditional_create_with_control_characters_in_criteria_returns_400(
 
     assert_clean(response)
     assert_outcome(response, 400, "invalid", "U+0000")
+    assert_nothing_stored(client)
+
+
+def test_update_with_non_ascii_digit_if_match_returns_400(client: TestClient) -> None:
+    response = client.put("/fhir/Task/one", json=task(id="one"),
+                          headers=[("Content-Type", "application/fhir+json"),
+                                   ("If-Match", b"\xb2")])
+
+    assert_clean(response)
+    assert_outcome(response, 400, "invalid", "Malformed ETag")
     assert_nothing_stored(client)

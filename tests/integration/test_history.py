@@ -260,6 +260,7 @@ def test_history_since_the_past_holds_everything(client: TestClient) -> None:
     ("_count=0", "_count must be a positive integer"),
     ("_count=-1", "_count must be a positive integer"),
     ("_count=ten", "_count must be a positive integer"),
+    ("_count=%C2%B2", "_count must be a positive integer"),
     ("_since=yesterday", "_since must be a FHIR instant"),
     ("_since=2024-13-01", "_since must be a FHIR instant"),
     ("_cursor=not-a-cursor", "Malformed paging cursor"),
