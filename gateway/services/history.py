@@ -19,7 +19,8 @@ from gateway.store import search_sql
 from gateway.store.schema import resource_history as H
 from gateway.store.timeparse import date_range, format_instant
 
-STATUS = {"POST": "201 Created", "PUT": "200 OK", "PATCH": "200 OK", "DELETE": "204 No Content"}
+# What this server answered each interaction (a delete answers 200 with an OperationOutcome).
+STATUS = {"POST": "201 Created", "PUT": "200 OK", "PATCH": "200 OK", "DELETE": "200 OK"}
 _KEYS = (H.c.last_updated, H.c.res_type, H.c.res_id, H.c.version)
 
 
