@@ -1,290 +1,325 @@
 """Batch and transaction Bundles, replayed entry by entry through the same interactions.
 
-https://hl7.org/fhir/R4/http.html#transaction: a transaction is all-or-nothing, its
-entries run in the order DELETE, POST, PUT/PATCH, GET, `urn:uuid:` and conditional
-references ("Patient?identifier=…") are resolved before anything is written.
+https://hl7.org/fhir/R4/http.html#transaction: a transaction is all-or-nothing; identities
+(created ids, conditional matches) are resolved up front, `urn:uuid:` and conditional
+references ("Patient?identifier=…") are rewritten, then entries run in the order DELETE,
+POST, PUT/PATCH, GET. A batch runs each entry on its own (http.html#batch).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.exc import DBAPIError
 
 from gateway import jsonio
 from gateway.errors import (
+    ConflictError,
     FhirError,
-    InvalidError,
     Issue,
     MultipleMatchesError,
     TooLargeError,
     UnexpectedError,
 )
 from gateway.services import search
+from gateway.services.bundle_entries import (
+    ORDER,
+    Entry,
+    entry_request,
+    invalid,
+    parse_entry,
+    response_entry,
+)
+from gateway.services.bundle_references import References
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.resources import body_json, check_type
 from gateway.store.repository import Repository, new_id
-from gateway.store.timeparse import format_instant, parse_http_date
+from gateway.store.schema import resources
 
-ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
-REASONS = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified",
-           400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-           410: "Gone", 412: "Precondition Failed", 415: "Unsupported Media Type",
-           422: "Unprocessable Entity", 500: "Internal Server Error"}
+log = logging.getLogger("gateway.bundle")
+
+# PostgreSQL aborts one of two transactions that lock rows in opposite orders (40P01) and
+# may refuse a serialisation (40001); the loser is replayed, as is a transaction whose plan
+# a concurrent writer made stale. Replaying is safe: nothing of the attempt was committed.
+TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
+TRANSACTION_ATTEMPTS = 3
 
 
 @dataclass
-class Entry:
-    index: int
-    method: str
-    path: str
-    query: list[tuple[str, str]]
-    full_url: str | None
-    resource: Any
-    headers: dict[str, str]
+class Plan:
+    """What a transaction decided before writing: ids of created or matched resources."""
+
+    ids: dict[int, tuple[str, str]] = field(default_factory=dict)
+    targets: dict[int, str] = field(default_factory=dict)  # entry -> "Type/id" it changes
 
 
 def process(ctx: Context, request: FhirRequest) -> FhirResponse:
     data = body_json(request)
     if not isinstance(data, dict) or data.get("resourceType") != "Bundle":
-        raise InvalidError("POST to the base takes a Bundle of type batch or transaction")
+        raise invalid("POST to the base takes a Bundle of type batch or transaction",
+                      "Bundle")
     kind = data.get("type")
     if kind not in ("batch", "transaction"):
-        raise InvalidError(f"Bundle.type must be batch or transaction, not {kind!r}",
-                           issues=[Issue("invalid", "Unsupported Bundle.type",
-                                         expression=("Bundle.type",))])
+        raise invalid(f"Bundle.type must be batch or transaction, not {kind!r}",
+                      "Bundle.type", "not-supported")
     raw_entries = data.get("entry") or []
     if not isinstance(raw_entries, list):
-        raise InvalidError("Bundle.entry must be an array")
-    if len(raw_entries) > ctx.settings.transaction_max_entries:
-        raise TooLargeError(f"At most {ctx.settings.transaction_max_entries} entries per Bundle")
-    entries = [_entry(ctx, i, e) for i, e in enumerate(raw_entries)]
+        raise invalid("Bundle.entry must be an array", "Bundle.entry", "structure")
+    limit = ctx.settings.transaction_max_entries
+    if len(raw_entries) > limit:
+        raise TooLargeError(f"The Bundle has {len(raw_entries)} entries; at most {limit} "
+                            "are accepted")
     prefer = request.header("prefer")
     if kind == "batch":
-        responses = [_run_batch_entry(ctx, e, prefer) for e in entries]
+        answers = [_batch_entry(ctx, i, raw, prefer) for i, raw in enumerate(raw_entries)]
     else:
-        responses = _run_transaction(ctx, entries, prefer)
-    bundle = {"resourceType": "Bundle", "type": f"{kind}-response",
-              "entry": [_response_entry(r) for r in responses]}
+        entries = [parse_entry(ctx, i, raw) for i, raw in enumerate(raw_entries)]
+        answers = _run_transaction(ctx, entries, prefer)
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": f"{kind}-response"}
+    if answers:  # FHIR JSON has no empty arrays
+        bundle["entry"] = answers
     return FhirResponse(200, jsonio.dumps(bundle))
 
 
-def _entry(ctx: Context, index: int, raw: Any) -> Entry:
-    where = f"Bundle.entry[{index}]"
-    if not isinstance(raw, dict) or not isinstance(raw.get("request"), dict):
-        raise InvalidError(f"{where} has no request", issues=[
-            Issue("required", "entry.request is required", expression=(f"{where}.request",))])
-    req = raw["request"]
-    method, url = req.get("method"), req.get("url")
-    if method not in ORDER or not isinstance(url, str) or not url:
-        raise InvalidError(f"{where}.request needs a method (GET, POST, PUT, PATCH, DELETE) "
-                           "and a url", issues=[Issue("invalid", "Bad request method or url",
-                                                      expression=(f"{where}.request",))])
-    path, query = _split_url(ctx, url)
-    headers = {name: req[key] for key, name in (
-        ("ifMatch", "if-match"), ("ifNoneMatch", "if-none-match"),
-        ("ifNoneExist", "if-none-exist"), ("ifModifiedSince", "if-modified-since"))
-        if isinstance(req.get(key), str)}
-    return Entry(index, method, path, query, raw.get("fullUrl"), raw.get("resource"), headers)
+def _answer(entry: Entry, response: FhirResponse) -> dict[str, Any]:
+    """The response Bundle's entry for one request entry (HEAD: without the resource)."""
+    return response_entry(response, with_resource=entry.method != "HEAD")
 
 
-def _split_url(ctx: Context, url: str) -> tuple[str, list[tuple[str, str]]]:
-    if url.startswith(ctx.base_url + "/"):
-        url = url[len(ctx.base_url) + 1:]
-    parts = urlsplit(url)
-    if parts.scheme or parts.netloc:
-        raise InvalidError(f"Entry url {url} is not on this server")
-    return parts.path.strip("/"), parse_qsl(parts.query, keep_blank_values=True)
-
-
-def _fhir_request(entry: Entry, prefer: str | None, assigned_id: str | None = None) -> FhirRequest:
-    headers = dict(entry.headers)
-    if prefer:
-        headers["prefer"] = prefer
-    return FhirRequest(entry.method, entry.path, entry.query, headers, None, entry.resource,
-                       "application/fhir+json", assigned_id)
-
-
-# -- batch ------------------------------------------------------------------------------
-def _run_batch_entry(ctx: Context, entry: Entry, prefer: str | None) -> FhirResponse:
+# -- batch -----------------------------------------------------------------------------
+def _batch_entry(ctx: Context, index: int, raw: Any, prefer: str | None) -> dict[str, Any]:
+    """Each batch entry succeeds or fails on its own, in its own database transaction."""
     from gateway.services.router import dispatch
 
     try:
-        _check_body(entry)
-        return dispatch(ctx, _fhir_request(entry, prefer))
+        entry = parse_entry(ctx, index, raw)
+        return _answer(entry, dispatch(ctx, entry_request(entry, prefer)))
     except FhirError as exc:
-        return _error_response(exc)
-    except Exception as exc:  # noqa: BLE001 - one broken entry must not sink the batch
-        return _error_response(UnexpectedError(f"Entry {entry.index} failed unexpectedly "
-                                               f"({type(exc).__name__})"))
-
-
-def _check_body(entry: Entry) -> None:
-    if entry.method in ("POST", "PUT", "PATCH") and entry.resource is None:
-        raise InvalidError(f"Bundle.entry[{entry.index}] needs a resource for {entry.method}")
+        return response_entry(_error_response(exc))
+    except Exception:  # noqa: BLE001 - one broken entry must not sink the batch
+        log.exception("batch entry %d failed", index)
+        return response_entry(_error_response(UnexpectedError(
+            f"Bundle.entry[{index}] failed unexpectedly; the operators have the details")))
 
 
 def _error_response(exc: FhirError) -> FhirResponse:
-    return FhirResponse(exc.status, jsonio.dumps(exc.outcome()))
+    return FhirResponse(exc.status, jsonio.dumps(exc.outcome()), exc.headers)
 
 
-# -- transaction ----------------------------------------------------------------------
-def _run_transaction(ctx: Context, entries: list[Entry], prefer: str | None) -> list[FhirResponse]:
+# -- transaction -----------------------------------------------------------------------
+def _run_transaction(ctx: Context, entries: list[Entry], prefer: str | None
+                     ) -> list[dict[str, Any]]:
+    _check_full_urls(entries)
+    for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
+        try:
+            return _transaction(ctx, entries, prefer)
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) not in TRANSIENT_SQLSTATES:
+                raise
+            log.warning("transaction attempt %d hit a concurrent writer; replaying", attempt)
+        except _StalePlanError as exc:
+            log.info("transaction attempt %d planned on stale data (%s); replaying", attempt, exc)
+    raise ConflictError("The transaction kept colliding with concurrent writers; retry it")
+
+
+class _StalePlanError(Exception):
+    """A concurrent writer changed what the plan was based on; replaying re-plans."""
+
+
+def _transaction(ctx: Context, entries: list[Entry], prefer: str | None
+                 ) -> list[dict[str, Any]]:
     from gateway.services.router import dispatch
 
-    _check_overlaps(entries)
     results: dict[int, FhirResponse] = {}
-    current: Entry | None = None
     with ctx.db.write() as conn:
         tx = ctx.within(conn)
         repo = Repository(conn, ctx.actor)
-        try:
-            ids = _plan_ids(tx, repo, entries)
-            _rewrite_references(tx, repo, entries, ids)
-            for current in sorted(entries, key=lambda e: (ORDER[e.method], e.index)):
-                _check_body(current)
-                assigned = ids[current.index][1] if current.index in ids else None
-                results[current.index] = dispatch(tx, _fhir_request(current, prefer, assigned))
-        except FhirError as exc:
-            raise _at_entry(exc, current) from exc
-    return [results[e.index] for e in entries]
+        plan = _plan_ids(tx, repo, entries)
+        _check_overlaps(entries, plan)
+        _lock_targets(repo, plan)
+        requests = _rewrite_references(tx, repo, entries, plan, prefer)
+        for entry in sorted(entries, key=lambda e: _run_order(e, plan)):
+            with _blame(entry):
+                response = dispatch(tx, requests[entry.index])
+                _check_planned_id(entry, plan, response)
+            results[entry.index] = response
+    # Shaped after the commit: the (SQLite) writer is not held for it.
+    return [_answer(e, results[e.index]) for e in entries]
 
 
-def _at_entry(exc: FhirError, entry: Entry | None) -> FhirError:
-    if entry is None:
+def _lock_targets(repo: Repository, plan: Plan) -> None:
+    """Lock every existing resource the transaction changes, in one sorted sweep, before
+    changing any: concurrent PostgreSQL transactions then queue instead of deadlocking
+    (a DELETE-phase row and a PUT-phase row would otherwise be taken in either order).
+    SQLite has one writer at a time and needs none of this."""
+    if not plan.targets or repo.conn.dialect.name != "postgresql":
+        return
+    keys = sorted({tuple(t.split("/", 1)) for t in plan.targets.values()})
+    repo.conn.execute(
+        select(resources.c.res_id)
+        .where(tuple_(resources.c.res_type, resources.c.res_id).in_(keys))
+        .order_by(resources.c.res_type, resources.c.res_id)
+        .with_for_update()).all()
+
+
+def _run_order(entry: Entry, plan: Plan) -> tuple[int, str, int]:
+    """The spec's phases; inside a phase, writes go in resource order so that concurrent
+    transactions lock rows in the same order (fewer deadlocks on PostgreSQL)."""
+    phase = ORDER[entry.method]
+    key = plan.targets.get(entry.index, "") if entry.method in ("DELETE", "PUT", "PATCH") else ""
+    return phase, key, entry.index
+
+
+@contextmanager
+def _blame(entry: Entry) -> Iterator[None]:
+    """Name the failing entry in the OperationOutcome of a failed transaction."""
+    try:
+        yield
+    except FhirError as exc:
+        raise _at_entry(exc, entry) from None
+
+
+def _at_entry(exc: FhirError, entry: Entry) -> FhirError:
+    if getattr(exc, "bundle_entry", None) is not None:
         return exc
-    prefix = f"Bundle.entry[{entry.index}] ({entry.method} {entry.path}): "
-    exc.issues = [Issue(i.code, prefix + i.diagnostics, i.severity,
-                        i.expression or (f"Bundle.entry[{entry.index}]",)) for i in exc.issues]
+    where, resource_type = entry.where, entry.resource_type
+    prefix = f"{where} ({entry.method} {entry.path or '/'}): "
+
+    def located(expression: tuple[str, ...]) -> tuple[str, ...]:
+        if not expression:
+            return (where,)
+        return tuple(f"{where}.resource{e[len(resource_type):]}"
+                     if resource_type and (e == resource_type or e.startswith(resource_type + "."))
+                     else e for e in expression)
+
+    exc.issues = [Issue(i.code, prefix + i.diagnostics, i.severity, located(i.expression))
+                  for i in exc.issues]
     exc.diagnostics = prefix + exc.diagnostics
+    exc.bundle_entry = entry.index  # type: ignore[attr-defined]
     return exc
 
 
-def _check_overlaps(entries: list[Entry]) -> None:
-    """Two entries may not write the same resource (the spec leaves the result undefined)."""
+def _check_full_urls(entries: list[Entry]) -> None:
     seen: dict[str, int] = {}
     for e in entries:
-        if e.method == "GET" or "?" in e.path or e.method == "POST":
+        if e.full_url is None:
             continue
-        key = "/".join(e.path.split("/")[:2])
-        if key in seen:
-            raise InvalidError(f"Bundle.entry[{seen[key]}] and Bundle.entry[{e.index}] both "
-                               f"change {key}")
-        seen[key] = e.index
-    full_urls = [e.full_url for e in entries if e.full_url]
-    if len(full_urls) != len(set(full_urls)):
-        raise InvalidError("Two entries share a fullUrl")
+        if e.full_url in seen:
+            raise invalid(f"Bundle.entry[{seen[e.full_url]}] and {e.where} share the "
+                          f"fullUrl {e.full_url}", f"{e.where}.fullUrl")
+        seen[e.full_url] = e.index
 
 
-def _plan_ids(ctx: Context, repo: Repository, entries: list[Entry]) -> dict[int, tuple[str, str]]:
-    """Decide each created resource's id up front: (resource type, id) per entry index."""
-    ids: dict[int, tuple[str, str]] = {}
+def _check_overlaps(entries: list[Entry], plan: Plan) -> None:
+    """Two entries may not change the same resource, conditional matches included: the
+    spec says such a transaction SHALL fail."""
+    seen: dict[str, int] = {}
     for e in entries:
-        resource_type = e.path.split("/")[0] if e.path else ""
-        if e.method == "POST" and e.path and "/" not in e.path:
-            check_type(resource_type)
-            found = _conditional_match(ctx, repo, resource_type, e.headers.get("if-none-exist"))
-            ids[e.index] = (resource_type, found or new_id())
-        elif e.method == "PUT" and e.query:
-            check_type(resource_type)
-            found = search.match_ids(ctx, repo, resource_type, e.query, limit=2)
-            if len(found) > 1:
-                raise MultipleMatchesError(f"Bundle.entry[{e.index}]: the criteria match "
-                                           f"several {resource_type} resources")
-            body_id = e.resource.get("id") if isinstance(e.resource, dict) else None
-            ids[e.index] = (resource_type, found[0] if found else body_id or new_id())
-        elif e.method == "PUT" and "/" in e.path:
-            ids[e.index] = (resource_type, e.path.split("/")[1])
-    return ids
+        target = plan.targets.get(e.index)
+        if target is None:
+            continue
+        if target in seen:
+            raise invalid(f"Bundle.entry[{seen[target]}] and {e.where} both change "
+                          f"{target}", e.where)
+        seen[target] = e.index
 
 
-def _conditional_match(ctx: Context, repo: Repository, resource_type: str,
-                       criteria: str | None) -> str | None:
+# -- identities --------------------------------------------------------------------------
+def _plan_ids(ctx: Context, repo: Repository, entries: list[Entry]) -> Plan:
+    """Decide, before anything is written, which resource each write entry creates or
+    changes: server ids for creates, the matches of conditional interactions."""
+    plan = Plan()
+    for e in entries:
+        with _blame(e):
+            if e.method == "POST" and e.path and "/" not in e.path:
+                check_type(e.resource_type)
+                found = _conditional_match(ctx, repo, e)
+                plan.ids[e.index] = (e.resource_type, found or new_id())
+            elif e.method in ("PUT", "PATCH", "DELETE"):
+                _plan_change(ctx, repo, e, plan)
+    return plan
+
+
+def _plan_change(ctx: Context, repo: Repository, e: Entry, plan: Plan) -> None:
+    if e.instance is not None:
+        plan.targets[e.index] = e.instance
+        if e.method == "PUT":
+            plan.ids[e.index] = (e.resource_type, e.path.split("/")[1])
+        return
+    if "/" in e.path or not e.query:
+        return  # not a resource change (or malformed): dispatch answers it
+    check_type(e.resource_type)
+    found = search.match_ids(ctx, repo, e.resource_type, e.query, limit=2)
+    if len(found) > 1:
+        raise MultipleMatchesError(f"The criteria match several {e.resource_type} resources")
+    if e.method == "PUT":
+        body_id = e.resource.get("id") if isinstance(e.resource, dict) else None
+        resource_id = found[0] if found else body_id if isinstance(body_id, str) else new_id()
+        plan.ids[e.index] = (e.resource_type, resource_id)
+        plan.targets[e.index] = f"{e.resource_type}/{resource_id}"
+    elif found:
+        plan.targets[e.index] = f"{e.resource_type}/{found[0]}"
+
+
+def _conditional_match(ctx: Context, repo: Repository, e: Entry) -> str | None:
+    criteria = e.headers.get("if-none-exist")
     if not criteria:
         return None
-    found = search.match_ids(ctx, repo, resource_type, parse_qsl(criteria.lstrip("?"),
-                                                                  keep_blank_values=True), 2)
+    found = search.match_ids(ctx, repo, e.resource_type,
+                             parse_qsl(criteria.lstrip("?"), keep_blank_values=True), 2)
     if len(found) > 1:
-        raise MultipleMatchesError(f"If-None-Exist matched several {resource_type} resources")
+        raise MultipleMatchesError(f"ifNoneExist matched several {e.resource_type} resources")
     return found[0] if found else None
 
 
-def _rewrite_references(ctx: Context, repo: Repository, entries: list[Entry],
-                        ids: dict[int, tuple[str, str]]) -> None:
-    """Replace `urn:uuid:` fullUrls and conditional references with Type/id."""
-    by_full_url = {e.full_url: f"{ids[e.index][0]}/{ids[e.index][1]}"
-                   for e in entries if e.full_url and e.index in ids}
-    resolved: dict[str, str] = {}
+def _check_planned_id(entry: Entry, plan: Plan, response: FhirResponse) -> None:
+    """A conditional create must land on the resource other entries were pointed at; it
+    does not when another client created a match after the plan was made."""
+    planned = plan.ids.get(entry.index)
+    location = response.headers.get("Location")
+    if entry.method != "POST" or planned is None or location is None:
+        return
+    landed = location.split("/_history/")[0].rsplit("/", 1)[-1]
+    if landed != planned[1]:
+        raise _StalePlanError(f"{entry.where} matched {planned[0]}/{landed}")
 
-    def target(ref: str) -> str | None:
-        if ref in by_full_url:
-            return by_full_url[ref]
-        if "?" in ref and not ref.startswith(("http:", "https:")):
-            if ref not in resolved:
-                resolved[ref] = _resolve_conditional(ctx, repo, ref)
-            return resolved[ref]
-        if ref.startswith("urn:uuid:") or ref.startswith("urn:oid:"):
-            raise InvalidError(f"Reference {ref} names no entry of this Bundle")
-        return None
 
+# -- references --------------------------------------------------------------------------
+def _rewrite_references(ctx: Context, repo: Repository, entries: list[Entry], plan: Plan,
+                        prefer: str | None) -> dict[int, FhirRequest]:
+    """The request each entry runs, with `urn:uuid:`, fullUrl and conditional references
+    replaced by Type/id (one pass over each body; lookups are dictionary hits)."""
+    refs = References(ctx, repo, {e.full_url: "/".join(plan.ids[e.index]) for e in entries
+                                  if e.full_url and e.index in plan.ids})
+    requests: dict[int, FhirRequest] = {}
     for e in entries:
-        if e.resource is not None and e.method in ("POST", "PUT"):
-            _walk_references(e.resource, target)
-        if e.method == "PUT" and e.query and isinstance(e.resource, dict):
-            e.resource.setdefault("id", ids[e.index][1])
-            e.path, e.query = f"{ids[e.index][0]}/{ids[e.index][1]}", []
+        with _blame(e):
+            requests[e.index] = _rewritten_request(e, plan, refs, prefer)
+    return requests
 
 
-def _resolve_conditional(ctx: Context, repo: Repository, ref: str) -> str:
-    resource_type, _, criteria = ref.partition("?")
-    check_type(resource_type)
-    found = search.match_ids(ctx, repo, resource_type,
-                             parse_qsl(criteria, keep_blank_values=True), limit=2)
-    if len(found) != 1:
-        problem = "no" if not found else "several"
-        error = MultipleMatchesError if found else InvalidError
-        raise error(f"Conditional reference {ref} matches {problem} resources")
-    return f"{resource_type}/{found[0]}"
-
-
-def _walk_references(node: Any, target: Any) -> None:
-    if isinstance(node, dict):
-        ref = node.get("reference")
-        if isinstance(ref, str):
-            new = target(ref)
-            if new is not None:
-                node["reference"] = new
-        for value in node.values():
-            if isinstance(value, dict | list):
-                _walk_references(value, target)
-    elif isinstance(node, list):
-        for item in node:
-            _walk_references(item, target)
-
-
-# -- responses ------------------------------------------------------------------------
-def _response_entry(response: FhirResponse) -> dict[str, Any]:
-    reason = REASONS.get(response.status, "")
-    out: dict[str, Any] = {"status": f"{response.status} {reason}".strip()}
-    headers = response.headers
-    if "Location" in headers:
-        out["location"] = headers["Location"]
-    if "ETag" in headers:
-        out["etag"] = headers["ETag"]
-    body = jsonio.loads_trusted(response.body) if response.body else None
-    last_updated = (body or {}).get("meta", {}).get("lastUpdated")
-    if last_updated:
-        out["lastModified"] = last_updated
-    elif "Last-Modified" in headers:
-        micros = parse_http_date(headers["Last-Modified"])
-        if micros is not None:
-            out["lastModified"] = format_instant(micros)
-    entry: dict[str, Any] = {"response": out}
-    if body is not None:
-        if response.status >= 400 or body.get("resourceType") == "OperationOutcome":
-            out["outcome"] = body
-        else:
-            entry["resource"] = body
-            if "Location" in headers:
-                entry["fullUrl"] = headers["Location"].split("/_history/")[0]
-    return entry
+def _rewritten_request(e: Entry, plan: Plan, refs: References, prefer: str | None
+                       ) -> FhirRequest:
+    resource = e.resource
+    if e.method != "DELETE":
+        resource = refs.rewritten(e.resource, f"{e.where}.resource")
+    # Search criteria may name an entry too ("Task?subject=urn:uuid:…"); other urn values
+    # (identifier=urn:oid:…|1) are plain tokens.
+    query = [(k, refs.by_full_url.get(v, v)) for k, v in e.query]
+    if e.method == "POST":
+        planned = plan.ids.get(e.index)
+        return entry_request(e, prefer, query=query, resource=resource,
+                        assigned_id=planned[1] if planned else None)
+    target_id = plan.targets.get(e.index)
+    if e.instance is None and target_id is not None:
+        # A resolved conditional interaction runs as the plain one on its match.
+        if e.method == "PUT" and isinstance(resource, dict) and "id" not in resource:
+            resource = {**resource, "id": target_id.split("/")[1]}
+        return entry_request(e, prefer, path=target_id, query=[], resource=resource)
+    return entry_request(e, prefer, query=query, resource=resource)
