@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import uuid
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
-from sqlalchemy import Connection, Table, and_, delete, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -27,9 +28,46 @@ from gateway.store.schema import (
     resource_history,
     resources,
 )
+from gateway.store.search_params import indexed_params
 from gateway.store.timeparse import format_instant, now_micros
 
 UPDATE_RETRIES = 20
+
+# Statements are built once: building SQLAlchemy constructs per call cost more than
+# executing them. Values travel as bound parameters.
+_READ = select(resources).where(resources.c.res_type == bindparam("t"),
+                                resources.c.res_id == bindparam("i"))
+_VREAD = select(resource_history).where(resource_history.c.res_type == bindparam("t"),
+                                        resource_history.c.res_id == bindparam("i"),
+                                        resource_history.c.version == bindparam("v"))
+_REPLACE = (update(resources)
+            .where(resources.c.res_type == bindparam("t"), resources.c.res_id == bindparam("i"),
+                   resources.c.version == bindparam("expected"))
+            .values(version=bindparam("new_version"), last_updated=bindparam("at"),
+                    deleted=bindparam("is_deleted"), content=bindparam("body")))
+_HISTORY = insert(resource_history)
+_CHANGE = insert(change_log)
+_INDEX_INSERT = {kind: insert(table) for kind, table in INDEX_TABLES.items()}
+_INDEX_DELETE = {kind: delete(table).where(table.c.res_type == bindparam("t"),
+                                           table.c.res_id == bindparam("i"))
+                 for kind, table in INDEX_TABLES.items()}
+
+
+@cache
+def _insert_if_absent(dialect: str, table: Table) -> Any:
+    """INSERT … ON CONFLICT DO NOTHING RETURNING <first key column>, for one dialect."""
+    build = pg_insert if dialect == "postgresql" else sqlite_insert
+    first_key = next(iter(table.primary_key.columns))
+    return build(table).on_conflict_do_nothing().returning(first_key)
+
+
+@cache
+def _index_kinds(resource_type: str) -> tuple[str, ...]:
+    """The index tables a resource type can have rows in (so updates clear only those)."""
+    kinds = {p.type for p in indexed_params(resource_type)}
+    if "reference" in kinds:
+        kinds.add("token")  # reference identifiers are indexed as tokens
+    return tuple(sorted(kinds))
 
 
 @dataclass(frozen=True)
@@ -93,10 +131,7 @@ class Repository:
 
     # -- reads ---------------------------------------------------------------------
     def read(self, resource_type: str, resource_id: str) -> Version | None:
-        row = self.conn.execute(
-            select(resources).where(resources.c.res_type == resource_type,
-                                    resources.c.res_id == resource_id)
-        ).first()
+        row = self.conn.execute(_READ, {"t": resource_type, "i": resource_id}).first()
         return _version_from(row) if row else None
 
     def read_many(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Version]:
@@ -114,10 +149,8 @@ class Repository:
         return found
 
     def vread(self, resource_type: str, resource_id: str, version: int) -> Version | None:
-        row = self.conn.execute(select(resource_history).where(
-            resource_history.c.res_type == resource_type,
-            resource_history.c.res_id == resource_id,
-            resource_history.c.version == version)).first()
+        row = self.conn.execute(_VREAD, {"t": resource_type, "i": resource_id,
+                                         "v": version}).first()
         return _version_from(row) if row else None
 
     # -- writes --------------------------------------------------------------------
@@ -145,10 +178,8 @@ class Repository:
 
     def _insert_new(self, table: Table, **values: Any) -> bool:
         """INSERT unless the primary key exists; False when it did (no error, no abort)."""
-        dialect_insert = pg_insert if self.conn.dialect.name == "postgresql" else sqlite_insert
-        stmt = dialect_insert(table).values(**values).on_conflict_do_nothing()
-        first_key = next(iter(table.primary_key.columns))
-        return self.conn.execute(stmt.returning(first_key)).first() is not None
+        stmt = _insert_if_absent(self.conn.dialect.name, table)
+        return self.conn.execute(stmt, values).first() is not None
 
     def update(self, resource: dict[str, Any], resource_id: str, *,
                expected_version: int | None = None, method: str = "PUT") -> tuple[Version, bool]:
@@ -201,11 +232,9 @@ class Repository:
         """Write the version after `current`; None when another writer got there first."""
         number, at = current.version + 1, max(now_micros(), current.last_updated)
         content = stamp(resource, current.id, number, at) if resource is not None else None
-        result = self.conn.execute(
-            update(resources)
-            .where(resources.c.res_type == current.resource_type,
-                   resources.c.res_id == current.id, resources.c.version == current.version)
-            .values(version=number, last_updated=at, deleted=resource is None, content=content))
+        result = self.conn.execute(_REPLACE, {
+            "t": current.resource_type, "i": current.id, "expected": current.version,
+            "new_version": number, "at": at, "is_deleted": resource is None, "body": content})
         if result.rowcount != 1:
             return None
         version = Version(current.resource_type, current.id, number, at, resource is None,
@@ -216,27 +245,27 @@ class Repository:
 
     def _record(self, version: Version, resource: dict[str, Any] | None,
                 interaction: str) -> None:
-        self.conn.execute(insert(resource_history).values(
-            res_type=version.resource_type, res_id=version.id, version=version.version,
-            last_updated=version.last_updated, method=version.method, deleted=version.deleted,
-            content=version.content))
+        self.conn.execute(_HISTORY, {
+            "res_type": version.resource_type, "res_id": version.id, "version": version.version,
+            "last_updated": version.last_updated, "method": version.method,
+            "deleted": version.deleted, "content": version.content})
         if resource is not None:
             self._write_index(version, resource)
-        self.conn.execute(insert(change_log).values(
-            res_type=version.resource_type, res_id=version.id, version=version.version,
-            interaction=interaction, at=version.last_updated, actor=self.actor.name,
-            request_id=self.actor.request_id))
+        self.conn.execute(_CHANGE, {
+            "res_type": version.resource_type, "res_id": version.id, "version": version.version,
+            "interaction": interaction, "at": version.last_updated, "actor": self.actor.name,
+            "request_id": self.actor.request_id})
 
     def _write_index(self, version: Version, resource: dict[str, Any]) -> None:
         key = {"res_type": version.resource_type, "res_id": version.id}
         for kind, rows in index_rows(resource).items():
             if rows:
-                self.conn.execute(insert(INDEX_TABLES[kind]), [{**key, **row} for row in rows])
+                self.conn.execute(_INDEX_INSERT[kind], [{**key, **row} for row in rows])
 
     def _clear_index(self, version: Version) -> None:
-        for table in INDEX_TABLES.values():
-            self.conn.execute(delete(table).where(
-                and_(table.c.res_type == version.resource_type, table.c.res_id == version.id)))
+        key = {"t": version.resource_type, "i": version.id}
+        for kind in _index_kinds(version.resource_type):
+            self.conn.execute(_INDEX_DELETE[kind], key)
 
     # -- conditional create / update -----------------------------------------------
     def lock_criteria(self, resource_type: str, criteria: str) -> None:
