@@ -12,6 +12,7 @@ from starlette.middleware.gzip import GZipMiddleware
 
 from gateway import __version__, fhir
 from gateway.api import errors, fhir_routes, observability, ops
+from gateway.api.fhir_app import FhirEndpoint
 from gateway.settings import Settings, get_settings
 from gateway.store.database import Database, make_engine
 from gateway.store.migrate import upgrade
@@ -50,6 +51,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
     errors.install(app)
     fhir_routes.register(app)
     app.include_router(ops.router)
+    app.add_middleware(FhirEndpoint)  # innermost: inside gzip, CORS and observability
     app.add_middleware(GZipMiddleware, minimum_size=1024)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,

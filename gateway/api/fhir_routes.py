@@ -1,18 +1,18 @@
-"""The FHIR REST surface under /fhir: every route parses HTTP into a FhirRequest and hands
-it to the service router in a worker thread (the store is synchronous)."""
+"""The FHIR REST surface under /fhir as the OpenAPI document describes it.
+
+Requests are served by gateway.api.fhir_app (a plain ASGI endpoint in front of FastAPI's
+routing); these routes exist to document that surface, path by path, in /openapi.json.
+Their endpoint is that same ASGI endpoint's handler, so a route reached directly would
+behave identically."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 
-from gateway.api.http import FHIR_JSON_UTF8, base_url, check_accept, read_body
-from gateway.services.context import Context, FhirRequest
-from gateway.services.router import dispatch
-from gateway.store.repository import Actor
+from gateway.api.fhir_app import respond
 
 router = APIRouter(prefix="/fhir")
 
@@ -40,25 +40,6 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def handle(request: Request) -> Response:
-    """The single bridge from HTTP to the FHIR services."""
-    settings = request.app.state.settings
-    check_accept(request)
-    body = await read_body(request, settings.max_body_bytes)
-    path = request.url.path[len("/fhir"):].lstrip("/")
-    fhir_request = FhirRequest(
-        method=request.method, path=path, query=request.query_params.multi_items(),
-        headers={k.decode("latin-1"): v.decode("latin-1") for k, v in request.scope["headers"]},
-        body=body, content_type=request.headers.get("content-type"))
-    ctx = Context(db=request.app.state.db, settings=settings, base_url=base_url(request),
-                  actor=Actor(request_id=request.state.request_id))
-    result = await run_in_threadpool(dispatch, ctx, fhir_request)
-    headers = result.headers
-    if result.body is None:
-        return Response(status_code=result.status, headers=headers)
-    return Response(result.body, result.status, headers, media_type=FHIR_JSON_UTF8)
-
-
 def _route(path: str, methods: list[str], summary: str, *, params: list[dict[str, Any]],
            body: dict[str, Any] | None = None, headers: tuple[str, ...] = ()) -> None:
     parameters = [*params, *({"name": h, "in": "header", "required": False,
@@ -69,7 +50,7 @@ def _route(path: str, methods: list[str], summary: str, *, params: list[dict[str
         extra["requestBody"] = body
     for method in methods:
         router.add_api_route(
-            path, handle, methods=[method], summary=f"{summary}" if len(methods) == 1
+            path, respond, methods=[method], summary=f"{summary}" if len(methods) == 1
             else f"{summary} ({method})", operation_id=f"{method.lower()}_{_op_name(path)}",
             openapi_extra=extra, responses=_RESPONSES, response_class=Response,
             include_in_schema=True)

@@ -11,7 +11,7 @@ from sqlalchemy import Connection
 
 from gateway.settings import Settings
 from gateway.store.database import Database
-from gateway.store.repository import Actor, Repository
+from gateway.store.repository import Actor, Repository, Version, point_read
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,16 @@ class Context:
             return
         with self.db.read() as conn:
             yield Repository(conn, self.actor)
+
+    def point_read(self, resource_type: str, resource_id: str,
+                   version: int | None = None) -> Version | None:
+        """One resource (or one version of it): inside the open transaction if any."""
+        if self.conn is None:
+            return point_read(self.db, resource_type, resource_id, version)
+        repo = Repository(self.conn, self.actor)
+        if version is None:
+            return repo.read(resource_type, resource_id)
+        return repo.vread(resource_type, resource_id, version)
 
     def within(self, conn: Connection) -> Context:
         return replace(self, conn=conn)

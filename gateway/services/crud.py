@@ -115,8 +115,7 @@ def _existing(ctx: Context, request: FhirRequest, repo: Repository, resource_typ
 # -- read ---------------------------------------------------------------------------
 def read(ctx: Context, request: FhirRequest, resource_type: str, resource_id: str) -> FhirResponse:
     check_known_id(resource_type, resource_id)
-    with ctx.reading() as repo:
-        version = repo.read(resource_type, resource_id)
+    version = ctx.point_read(resource_type, resource_id)
     return _serve(ctx, request, version, f"{resource_type}/{resource_id}")
 
 
@@ -126,8 +125,7 @@ def vread(ctx: Context, request: FhirRequest, resource_type: str, resource_id: s
     if not (version_id.isascii() and version_id.isdigit()) or len(version_id) > 9:
         raise NotFoundError(f"{resource_type}/{resource_id} has no version "
                             f"{ascii(version_id[:20])}")
-    with ctx.reading() as repo:
-        version = repo.vread(resource_type, resource_id, int(version_id))
+    version = ctx.point_read(resource_type, resource_id, int(version_id))
     return _serve(ctx, request, version, f"{resource_type}/{resource_id}/_history/{version_id}")
 
 

@@ -15,9 +15,11 @@ from gateway.services.resources import check_type
 
 
 def _allow(method: str, allowed: str) -> None:
-    if method not in allowed.split():
-        raise MethodNotAllowedError(f"{method} is not allowed here (allowed: {allowed})",
-                                    headers={"Allow": allowed.replace(" ", ", ")})
+    methods = allowed.split()
+    if method not in methods:
+        listed = ", ".join(sorted(methods))
+        raise MethodNotAllowedError(f"{method} is not allowed here (allowed: {listed})",
+                                    headers={"Allow": listed})
 
 
 def _form_query(request: FhirRequest) -> list[tuple[str, str]]:

@@ -1,0 +1,117 @@
+"""The FHIR REST endpoint under /fhir, as a plain ASGI middleware in front of FastAPI.
+
+FHIR's URL grammar is dispatched by gateway.services.router, so FastAPI's per-route
+machinery (matching ~20 patterns, dependency solving) would only add latency to every
+FHIR request; the FastAPI app keeps /healthz, /metrics and the docs. The synchronous
+store runs in the thread pool, except single-resource reads on SQLite: a primary-key
+lookup there takes microseconds, less than the hop to a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway import jsonio
+from gateway.api.http import FHIR_JSON_UTF8, base_url, check_accept, read_body
+from gateway.errors import FhirError, UnexpectedError
+from gateway.services.context import Context, FhirRequest, FhirResponse
+from gateway.services.router import dispatch
+from gateway.store.repository import Actor
+
+log = logging.getLogger("gateway.errors")
+PREFIX = "/fhir"
+
+
+def _is_instance_read(method: str, path: str) -> bool:
+    """GET Type/id or Type/id/_history/n: one primary-key lookup."""
+    if method not in ("GET", "HEAD"):
+        return False
+    parts = path.split("/")
+    return (len(parts) == 2 and not parts[1].startswith(("_", "$"))) or (
+        len(parts) == 4 and parts[2] == "_history")
+
+
+@dataclass(frozen=True)
+class RouteTemplate:
+    """What metrics label a FHIR request with (as FastAPI's routes carry `.path`)."""
+
+    path: str
+
+
+_LITERALS = frozenset({"metadata", "_history", "_search", "$validate"})
+
+
+def route_template(path: str) -> RouteTemplate:
+    """'/fhir/{type}/{id}/_history/{vid}' for 'Task/1/_history/2': few, bounded values."""
+    names = ("{type}", "{id}", "_history", "{vid}")
+    parts = path.split("/") if path else []
+    shape = [p if p in _LITERALS else ("$op" if p.startswith("$") else names[min(i, 3)])
+             for i, p in enumerate(parts[:4])]
+    return RouteTemplate("/".join([PREFIX, *shape]) + ("/…" if len(parts) > 4 else ""))
+
+
+class FhirEndpoint:
+    """ASGI middleware: requests under /fhir are answered here, the rest pass through."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path == PREFIX or path.startswith(PREFIX + "/")):
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = route_template(path[len(PREFIX):].strip("/"))
+        response = await respond(Request(scope, receive))
+        await response(scope, receive, send)
+
+
+async def respond(request: Request) -> Response:
+    """Answer one FHIR request; every failure becomes an OperationOutcome."""
+    try:
+        return await _respond(request)
+    except FhirError as exc:
+        return error_response(exc)
+    except Exception:  # noqa: BLE001 - the client gets an id to quote, never the cause
+        request_id = request.scope.get("state", {}).get("request_id", "-")
+        log.exception("unhandled error", extra={"request_id": request_id})
+        return error_response(UnexpectedError(
+            f"Internal error; quote correlation id {request_id} to the operators"))
+
+
+async def _respond(request: Request) -> Response:
+    app = request.app
+    settings = app.state.settings
+    check_accept(request)
+    path = request.url.path[len(PREFIX):].strip("/")
+    method = "GET" if request.method == "HEAD" else request.method
+    body = await read_body(request, settings.max_body_bytes)
+    fhir_request = FhirRequest(
+        method=method, path=path, query=request.query_params.multi_items(),
+        headers={k.decode("latin-1"): v.decode("latin-1") for k, v in request.scope["headers"]},
+        body=body, content_type=request.headers.get("content-type"))
+    ctx = Context(db=app.state.db, settings=settings, base_url=base_url(request),
+                  actor=Actor(request_id=request.scope.get("state", {}).get("request_id")))
+    if app.state.db.is_sqlite and _is_instance_read(method, path):
+        result = dispatch(ctx, fhir_request)
+    else:
+        result = await run_in_threadpool(dispatch, ctx, fhir_request)
+    return to_response(result)
+
+
+def to_response(result: FhirResponse) -> Response:
+    """HEAD gets the GET response; the server sends its headers only."""
+    if result.body is None:
+        return Response(status_code=result.status, headers=result.headers)
+    return Response(result.body, result.status, result.headers, media_type=FHIR_JSON_UTF8)
+
+
+def error_response(error: FhirError) -> Response:
+    return Response(jsonio.dumps(error.outcome()), error.status, error.headers,
+                    media_type=FHIR_JSON_UTF8)
