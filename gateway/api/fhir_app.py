@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,9 +20,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import jsonio
 from gateway.api.http import FHIR_JSON_UTF8, base_url, check_accept, read_body
-from gateway.errors import FhirError, UnexpectedError
+from gateway.errors import ConflictError, FhirError, UnexpectedError
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.router import dispatch
+from gateway.store.database import is_transient
 from gateway.store.repository import Actor
 
 log = logging.getLogger("gateway.errors")
@@ -78,11 +80,21 @@ async def respond(request: Request) -> Response:
         return await _respond(request)
     except FhirError as exc:
         return error_response(exc)
+    except DBAPIError as exc:
+        if not is_transient(exc):
+            return _unexpected(request)
+        return error_response(ConflictError(
+            "A concurrent request changed the same resources; nothing was stored. Retry.",
+            headers={"Retry-After": "1"}))
     except Exception:  # noqa: BLE001 - the client gets an id to quote, never the cause
-        request_id = request.scope.get("state", {}).get("request_id", "-")
-        log.exception("unhandled error", extra={"request_id": request_id})
-        return error_response(UnexpectedError(
-            f"Internal error; quote correlation id {request_id} to the operators"))
+        return _unexpected(request)
+
+
+def _unexpected(request: Request) -> Response:
+    request_id = request.scope.get("state", {}).get("request_id", "-")
+    log.exception("unhandled error", extra={"request_id": request_id})
+    return error_response(UnexpectedError(
+        f"Internal error; quote correlation id {request_id} to the operators"))
 
 
 async def _respond(request: Request) -> Response:

@@ -39,15 +39,14 @@ from gateway.services.bundle_entries import (
 from gateway.services.bundle_references import References
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.resources import body_json, check_type
+from gateway.store.database import is_transient
 from gateway.store.repository import Repository, new_id
 from gateway.store.schema import resources
 
 log = logging.getLogger("gateway.bundle")
 
-# PostgreSQL aborts one of two transactions that lock rows in opposite orders (40P01) and
-# may refuse a serialisation (40001); the loser is replayed, as is a transaction whose plan
-# a concurrent writer made stale. Replaying is safe: nothing of the attempt was committed.
-TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
+# A transaction that lost a deadlock (see database.is_transient) is replayed, as is one
+# whose plan a concurrent writer made stale: nothing of the attempt was committed.
 TRANSACTION_ATTEMPTS = 3
 
 
@@ -120,7 +119,7 @@ def _run_transaction(ctx: Context, entries: list[Entry], prefer: str | None
         try:
             return _transaction(ctx, entries, prefer)
         except DBAPIError as exc:
-            if getattr(exc.orig, "sqlstate", None) not in TRANSIENT_SQLSTATES:
+            if not is_transient(exc):
                 raise
             log.warning("transaction attempt %d hit a concurrent writer; replaying", attempt)
         except _StalePlanError as exc:

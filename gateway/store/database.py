@@ -18,11 +18,15 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import QueuePool
 
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
+# PostgreSQL aborts one of two transactions that lock rows in opposite orders (40P01) and
+# may refuse a serialisation (40001): retrying the whole request is safe and expected.
+TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
 GROUP_LIMIT = 64          # most writers sharing one commit
 CHECKPOINT_SECONDS = 0.5  # how often the background checkpointer looks at the WAL
 
@@ -56,6 +60,12 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 def _sqlite_begin(conn: Connection) -> None:
     mode = "IMMEDIATE" if conn.info.get("write") else "DEFERRED"
     conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A database failure that the same request, retried, would likely not meet again."""
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in (
+        TRANSIENT_SQLSTATES)
 
 
 class CommitFailedError(RuntimeError):

@@ -1,0 +1,63 @@
+"""The FHIR endpoint's own edges: HEAD, transient database failures, route labels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.exc import DBAPIError
+
+from gateway.api.fhir_app import route_template
+from gateway.app import create_app
+from gateway.settings import Settings
+from tests.factories import task
+
+FHIR = {"Content-Type": "application/fhir+json"}
+
+
+class _Deadlock(Exception):
+    sqlstate = "40P01"
+
+
+class _DiskFull(Exception):
+    sqlstate = "53100"
+
+
+def test_head_answers_the_get_headers_without_a_body(client: TestClient) -> None:
+    created = client.post("/fhir/Task", json=task(), headers=FHIR).json()
+    response = client.head(f"/fhir/Task/{created['id']}")
+    assert response.status_code == 200
+    assert response.headers["etag"] == 'W/"1"'
+    assert response.content == b""
+
+
+@pytest.mark.parametrize(("cause", "status", "code"), [
+    (_Deadlock, 409, "conflict"), (_DiskFull, 500, "exception")])
+def test_database_failures_become_outcomes(settings: Settings, monkeypatch: pytest.MonkeyPatch,
+                                           cause: type[Exception], status: int,
+                                           code: str) -> None:
+    def fail(*_args: Any) -> None:
+        raise DBAPIError("UPDATE resources …", {}, cause("internal detail"))
+
+    monkeypatch.setattr("gateway.api.fhir_app.dispatch", fail)
+    with TestClient(create_app(settings, migrate=False),
+                    raise_server_exceptions=False) as client:
+        response = client.put("/fhir/Task/1", json=task(id="1"), headers=FHIR)
+    assert response.status_code == status
+    body = response.json()
+    assert body["resourceType"] == "OperationOutcome"
+    assert body["issue"][0]["code"] == code
+    assert "internal detail" not in response.text
+    if status == 409:
+        assert response.headers["retry-after"] == "1"
+        assert "Retry" in body["issue"][0]["diagnostics"]
+
+
+@pytest.mark.parametrize(("path", "template"), [
+    ("", "/fhir"), ("metadata", "/fhir/metadata"), ("Task", "/fhir/{type}"),
+    ("Task/9", "/fhir/{type}/{id}"), ("Task/9/_history/2", "/fhir/{type}/{id}/_history/{vid}"),
+    ("Task/$validate", "/fhir/{type}/$validate"), ("Task/9/$everything", "/fhir/{type}/{id}/$op"),
+    ("a/b/c/d/e/f", "/fhir/{type}/{id}/_history/{vid}/…")])
+def test_route_template_never_contains_ids(path: str, template: str) -> None:
+    assert route_template(path).path == template
