@@ -18,7 +18,7 @@ from gateway.services.summary import shape
 from gateway.store import search_query as sq
 from gateway.store import search_sql
 from gateway.store.repository import Repository, Version
-from gateway.store.schema import resources, sp_reference
+from gateway.store.schema import sp_reference
 
 MAX_INCLUDE_DEPTH = 3
 
@@ -43,8 +43,8 @@ def match_ids(ctx: Context, repo: Repository, resource_type: str,
                      max_count=limit)
     query.count = limit
     query.base_url = ctx.base_url
-    stmt = select(resources.c.res_id).where(*search_sql.matches(query)).limit(limit)
-    return list(repo.conn.execute(stmt).scalars())
+    driver = search_sql.choose_driver(repo.conn, query)
+    return list(repo.conn.execute(search_sql.ids_statement(query, driver, limit)).scalars())
 
 
 def search(ctx: Context, request: FhirRequest, resource_type: str | None,
@@ -58,11 +58,15 @@ def search(ctx: Context, request: FhirRequest, resource_type: str | None,
 def run(ctx: Context, repo: Repository, query: sq.SearchQuery) -> dict[str, Any]:
     """Execute a parsed search and build its searchset Bundle."""
     bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+    driver = search_sql.choose_driver(repo.conn, query)
     if query.summary == "count" or query.count == 0:
-        bundle["total"] = repo.conn.execute(search_sql.count_statement(query)).scalar_one()
+        bundle["total"] = repo.conn.execute(
+            search_sql.count_statement(query, driver)).scalar_one()
         bundle["link"] = [_link(ctx, query, "self", None)]
+        if query.ignored:
+            bundle["entry"] = [_outcome_entry(query.ignored)]
         return bundle
-    stmt, keys, backwards = search_sql.page_statement(query)
+    stmt, keys, backwards = search_sql.page_statement(query, driver)
     rows = list(repo.conn.execute(stmt))
     more = len(rows) > query.count
     rows = rows[: query.count]
@@ -72,8 +76,8 @@ def run(ctx: Context, repo: Repository, query: sq.SearchQuery) -> dict[str, Any]
     has_next = more if not backwards else True
     has_previous = (query.cursor is not None) if not backwards else more
     if query.total == "accurate" or (query.cursor is None and not more and query.total != "none"):
-        bundle["total"] = (len(rows) if query.cursor is None and not more else
-                           repo.conn.execute(search_sql.count_statement(query)).scalar_one())
+        bundle["total"] = (len(rows) if query.cursor is None and not more else repo.conn.execute(
+            search_sql.count_statement(query, driver)).scalar_one())
     bundle["link"] = _links(ctx, query, rows, width, has_next and bool(rows), has_previous
                             and bool(rows))
     matches = [_row_version(r) for r in rows]
@@ -86,9 +90,13 @@ def run(ctx: Context, repo: Repository, query: sq.SearchQuery) -> dict[str, Any]
                             f"{ctx.settings.max_include} (the server's limit per page)",
                             severity="warning"))
     if issues:
-        entries.append({"resource": operation_outcome(issues), "search": {"mode": "outcome"}})
+        entries.append(_outcome_entry(issues))
     bundle["entry"] = entries
     return bundle
+
+
+def _outcome_entry(issues: list[Issue]) -> dict[str, Any]:
+    return {"resource": operation_outcome(issues), "search": {"mode": "outcome"}}
 
 
 def _row_version(row: Any) -> Version:

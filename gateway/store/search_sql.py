@@ -1,9 +1,10 @@
 """Translate parsed search criteria into SQL over the search-index tables.
 
 Each criterion becomes an EXISTS over its index table (NOT EXISTS for `:not` and
-`:missing=true`); criteria are AND'ed, values within one are OR'ed. Paging is by keyset:
-the cursor holds the sort values of the last row served, so pages stay correct while
-other clients write.
+`:missing=true`); criteria are AND'ed, values within one are OR'ed. The most selective
+criterion, when selective enough, instead drives the search as a set of ids. Paging is
+by keyset: the cursor holds the sort values of the last row served, so pages stay
+correct while other clients write.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from typing import Any
 import orjson
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     Select,
+    String,
+    Table,
     and_,
     exists,
     false,
@@ -24,6 +28,9 @@ from sqlalchemy import (
     select,
     true,
 )
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.sql.selectable import Alias, Join
 
 from gateway.errors import InvalidError
 from gateway.store.indexing import normalize
@@ -147,6 +154,30 @@ def _value_match(kind: str, t: Any, modifier: str | None, value: object,
     raise InvalidError(f"Unsupported parameter type {kind}")
 
 
+# -- criteria as conditions on a resources row -----------------------------------------
+class _PerResource(Alias):
+    """An index table read through its (res_type, res_id) index. These lookups test one
+    resource at a time; without statistics SQLite would rather scan a covering index by
+    parameter for every row tested, thousands of times slower at 100k resources."""
+
+    inherit_cache = True
+
+
+@compiles(_PerResource)
+def _per_resource_sql(element: Any, compiler: Any, **kw: Any) -> str:
+    return str(compiler.visit_alias(element, **kw))
+
+
+@compiles(_PerResource, "sqlite")
+def _per_resource_sqlite(element: Any, compiler: Any, **kw: Any) -> str:
+    text = str(compiler.visit_alias(element, **kw))
+    return f"{text} INDEXED BY ix_{element.element.name}_resource" if kw.get("asfrom") else text
+
+
+def _per_resource(table: Table, name: str | None = None) -> Any:
+    return _PerResource._construct(table, name=name or f"m_{table.name}")
+
+
 def criterion_sql(c: Criterion, outer: Any = R, base: str | None = None) -> ColumnElement[bool]:
     """A boolean SQL condition on `outer` (a resources alias) for one criterion; `base` is
     the server's base URL, under which absolute references count as local."""
@@ -163,28 +194,36 @@ def criterion_sql(c: Criterion, outer: Any = R, base: str | None = None) -> Colu
         return _has_sql(c, outer, base)
     if c.chain is not None:
         return _chain_sql(c, outer, base)
-    table = INDEX_TABLES[c.type]
-    if c.type == "reference" and c.modifier == "identifier":
-        table = sp_token
-        owned = _owned(table, outer, f"{c.name}:identifier")
-        return exists().where(owned, or_(*(_token_match(table, v) for v in c.values
-                                           if isinstance(v, TokenValue))))
-    owned = _owned(table, outer, c.name)
+    table, param = _index_of(c)
+    t = _per_resource(table)
+    owned = _owned(t, outer, param)
     if c.modifier == "missing":
         present = exists().where(owned)
         return not_(present) if c.values[0] else present
     if c.modifier == "not":  # none of the resource's values match (missing ones do)
-        return not_(exists().where(owned, or_(*(_value_match(c.type, table, None, v, base)
-                                                 for v in c.values))))
-    return exists().where(owned, or_(*(_value_match(c.type, table, c.modifier, v, base)
-                                       for v in c.values)))
+        return not_(exists().where(owned, _values_match(c, t, None, base)))
+    return exists().where(owned, _values_match(c, t, c.modifier, base))
+
+
+def _index_of(c: Criterion) -> tuple[Table, str]:
+    """The index table and parameter name holding a criterion's values."""
+    if c.type == "reference" and c.modifier == "identifier":
+        return sp_token, f"{c.name}:identifier"
+    return INDEX_TABLES[c.type], c.name
+
+
+def _values_match(c: Criterion, t: Any, modifier: str | None,
+                  base: str | None) -> ColumnElement[bool]:
+    if c.type == "reference" and c.modifier == "identifier":
+        return or_(*(_token_match(t, v) for v in c.values if isinstance(v, TokenValue)))
+    return or_(*(_value_match(c.type, t, modifier, v, base) for v in c.values))
 
 
 def _chain_sql(c: Criterion, outer: Any, base: str | None) -> ColumnElement[bool]:
     assert c.chain is not None
     target_type, inner = c.chain
     target = R.alias("chain_target")
-    ref = sp_reference.alias("chain_ref")
+    ref = _per_resource(sp_reference, "chain_ref")
     return exists().where(
         _owned(ref, outer, c.name), ref.c.target_type == target_type,
         local_reference(ref, base),
@@ -205,6 +244,150 @@ def _has_sql(c: Criterion, outer: Any, base: str | None) -> ColumnElement[bool]:
         criterion_sql(inner, source, base))
 
 
+# -- criteria as sets of ids: the most selective one drives the search ----------------
+DRIVER_LIMIT = 2000
+"""A criterion matching fewer resources than this drives the search: its ids are read
+from the parameter index and each is checked against the other criteria. Otherwise the
+search walks the resources in sort order, which soon fills a page when matches abound."""
+
+
+def ids_sql(c: Criterion, resource_type: str, base: str | None) -> Select[Any] | None:
+    """The ids of `resource_type` resources a positive criterion matches (deleted ones
+    may be among them), or None when the criterion cannot be read as a set."""
+    if c.name == "_id":
+        if c.modifier is not None:
+            return None
+        return select(R.c.res_id).where(R.c.res_type == resource_type,
+                                        R.c.res_id.in_([str(v) for v in c.values]))
+    if c.chain is not None:
+        return _chain_ids(c, resource_type, base)
+    if c.has is not None:
+        return _has_ids(c, resource_type, base)
+    if c.type not in INDEX_TABLES or c.modifier in ("missing", "not"):
+        return None
+    table, param = _index_of(c)
+    t = table.alias(f"d_{table.name}")
+    return select(t.c.res_id).where(t.c.res_type == resource_type, t.c.param == param,
+                                    _values_match(c, t, c.modifier, base))
+
+
+def _live(resource_type: str, ids: Select[Any], name: str) -> Select[Any]:
+    r = R.alias(name)
+    return select(r.c.res_id).where(r.c.res_type == resource_type, r.c.deleted.is_(False),
+                                    r.c.res_id.in_(ids))
+
+
+def _chain_ids(c: Criterion, resource_type: str, base: str | None) -> Select[Any] | None:
+    assert c.chain is not None
+    target_type, inner = c.chain
+    targets = ids_sql(inner, target_type, base)
+    if targets is None:
+        return None
+    ref = sp_reference.alias("d_chain")
+    return select(ref.c.res_id).where(
+        ref.c.res_type == resource_type, ref.c.param == c.name,
+        ref.c.target_type == target_type, local_reference(ref, base),
+        ref.c.target_id.in_(_live(target_type, targets, "d_chain_target")))
+
+
+def _has_ids(c: Criterion, resource_type: str, base: str | None) -> Select[Any] | None:
+    assert c.has is not None
+    source_type, ref_param, inner = c.has
+    sources = ids_sql(inner, source_type, base)
+    if sources is None:
+        return None
+    ref = sp_reference.alias("d_has")
+    return select(ref.c.target_id.label("res_id")).where(
+        ref.c.res_type == source_type, ref.c.param == ref_param,
+        ref.c.target_type == resource_type, local_reference(ref, base),
+        ref.c.res_id.in_(_live(source_type, sources, "d_has_source")))
+
+
+def choose_driver(conn: Connection, query: SearchQuery) -> int | None:
+    """The index of the criterion with the fewest matches, when it has few enough to
+    drive the search; counting stops at DRIVER_LIMIT, so each probe stays cheap."""
+    if query.resource_type is None:
+        return None
+    best: tuple[int, int] | None = None
+    for i, c in enumerate(query.criteria):
+        # Counted without the base-URL test of references: an estimate is enough here,
+        # and that test reads every row where the index alone answers the count.
+        ids = ids_sql(c, query.resource_type, None)
+        if ids is None:
+            continue
+        if c.name == "_id":
+            found = len(c.values)
+        else:
+            probe = select(func.count()).select_from(ids.limit(DRIVER_LIMIT).subquery())
+            found = conn.execute(probe).scalar_one()
+        if found < DRIVER_LIMIT and (best is None or found < best[1]):
+            best = (i, found)
+        if found == 0:
+            break
+    return None if best is None else best[0]
+
+
+class _Distinct(FunctionElement[str]):
+    """A column deduplicated without help from an index ordered by it (`+col` on SQLite),
+    so that SQLite reads the rows through the index that matches the criterion."""
+
+    inherit_cache = True
+    type = String()
+
+
+@compiles(_Distinct)
+def _distinct_sql(element: Any, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.clauses, **kw))
+
+
+@compiles(_Distinct, "sqlite")
+def _distinct_sqlite(element: Any, compiler: Any, **kw: Any) -> str:
+    return "+" + str(compiler.process(element.clauses, **kw))
+
+
+class _Ordered(Join):
+    """A join SQLite must run left to right (CROSS JOIN): from the driving ids to the
+    resources, rather than through every resource in sort order."""
+
+    inherit_cache = True
+
+
+@compiles(_Ordered)
+def _ordered_sql(element: Any, compiler: Any, **kw: Any) -> str:
+    return str(compiler.visit_join(element, **kw))
+
+
+@compiles(_Ordered, "sqlite")
+def _ordered_sqlite(element: Any, compiler: Any, **kw: Any) -> str:
+    kw.pop("asfrom", None)
+    left = element.left._compiler_dispatch(compiler, asfrom=True, **kw)
+    right = element.right._compiler_dispatch(compiler, asfrom=True, **kw)
+    return f"{left} CROSS JOIN {right} ON {element.onclause._compiler_dispatch(compiler, **kw)}"
+
+
+def _source(query: SearchQuery, driver: int | None) -> tuple[Any, list[ColumnElement[bool]]]:
+    """FROM clause and WHERE conditions of the resources a search matches."""
+    conds: list[ColumnElement[bool]] = [R.c.deleted.is_(False)]
+    if query.resource_type is not None:
+        conds.append(R.c.res_type == query.resource_type)
+    conds.extend(criterion_sql(c, R, query.base_url) for i, c in enumerate(query.criteria)
+                 if i != driver)
+    if driver is None or query.resource_type is None:
+        return R, conds
+    ids = ids_sql(query.criteria[driver], query.resource_type, query.base_url)
+    assert ids is not None
+    inner = ids.subquery("d_ids")
+    driving = select(_Distinct(inner.c.res_id).label("res_id")).distinct().subquery("d")
+    joined = _Ordered(driving, R, and_(R.c.res_type == query.resource_type,
+                                       R.c.res_id == driving.c.res_id))
+    return joined, conds
+
+
+def matches(query: SearchQuery) -> list[ColumnElement[bool]]:
+    """Conditions on the resources table alone (for callers that need no driver)."""
+    return _source(query, None)[1]
+
+
 # -- sorting and keyset paging -------------------------------------------------------
 _SORT_COLUMN = {"string": "value", "token": "code", "date": None, "number": "value",
                 "quantity": "value", "uri": "value"}
@@ -216,7 +399,7 @@ def _sort_expression(resource_type: str | None, name: str, desc: bool) -> Any:
     if name == "_lastUpdated" or resource_type is None:
         return R.c.last_updated
     param = params_for(resource_type)[name]
-    table = INDEX_TABLES[param.type].alias(f"sort_{name.replace('-', '_')}")
+    table = _per_resource(INDEX_TABLES[param.type], f"sort_{name.replace('-', '_')}")
     column = _SORT_COLUMN[param.type] or ("high" if desc else "low")
     agg = func.max if desc else func.min
     return (select(agg(table.c[column])).where(_owned(table, R, param.code))
@@ -289,18 +472,11 @@ def _check_types(keys: list[tuple[Any, bool]], values: list[Any]) -> None:
             raise InvalidError("Malformed paging cursor")
 
 
-def matches(query: SearchQuery) -> list[ColumnElement[bool]]:
-    conds: list[ColumnElement[bool]] = [R.c.deleted.is_(False)]
-    if query.resource_type is not None:
-        conds.append(R.c.res_type == query.resource_type)
-    conds.extend(criterion_sql(c, R, query.base_url) for c in query.criteria)
-    return conds
-
-
-def page_statement(query: SearchQuery) -> tuple[Select[Any], list[tuple[Any, bool]], bool]:
+def page_statement(query: SearchQuery, driver: int | None = None
+                   ) -> tuple[Select[Any], list[tuple[Any, bool]], bool]:
     """SELECT of one page (count + 1 rows, to know whether a next page exists)."""
     keys = sort_keys(query)
-    conds = matches(query)
+    source, conds = _source(query, driver)
     backwards = False
     if query.cursor:
         values, backwards = decode_cursor(query.cursor, len(keys))
@@ -314,9 +490,17 @@ def page_statement(query: SearchQuery) -> tuple[Select[Any], list[tuple[Any, boo
                      expr.asc().nulls_first() if backwards else expr.asc().nulls_last())
     columns = [R.c.res_type, R.c.res_id, R.c.version, R.c.last_updated, R.c.content]
     sort_columns = [expr.label(f"k{i}") for i, (expr, _) in enumerate(keys)]
-    stmt = select(*columns, *sort_columns).where(*conds).order_by(*order).limit(query.count + 1)
+    stmt = (select(*columns, *sort_columns).select_from(source).where(*conds)
+            .order_by(*order).limit(query.count + 1))
     return stmt, keys, backwards
 
 
-def count_statement(query: SearchQuery) -> Select[Any]:
-    return select(func.count()).select_from(R).where(*matches(query))
+def count_statement(query: SearchQuery, driver: int | None = None) -> Select[Any]:
+    source, conds = _source(query, driver)
+    return select(func.count()).select_from(source).where(*conds)
+
+
+def ids_statement(query: SearchQuery, driver: int | None, limit: int) -> Select[Any]:
+    """Up to `limit` ids of matches, in no particular order (conditional interactions)."""
+    source, conds = _source(query, driver)
+    return select(R.c.res_id).select_from(source).where(*conds).limit(limit)
