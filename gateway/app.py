@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
+from starlette.types import ASGIApp
 
 from gateway import __version__, fhir
 from gateway.api import errors, fhir_routes, observability, ops
@@ -51,14 +52,20 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
     errors.install(app)
     fhir_routes.register(app)
     app.include_router(ops.router)
-    app.add_middleware(FhirEndpoint)  # innermost: inside gzip, CORS and observability
     app.add_middleware(GZipMiddleware, minimum_size=1024)
-    if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
-                           allow_methods=["*"], allow_headers=["*"], expose_headers=EXPOSED)
-    observability.install(app, settings)
+    observability.install(app, settings, lambda inner: _front(app, settings, inner))
     app.openapi = _openapi_with_resource_schema(app)  # type: ignore[method-assign]
     return app
+
+
+def _front(app: FastAPI, settings: Settings, inner: ASGIApp) -> ASGIApp:
+    """What every request meets first: CORS, then the FHIR endpoint, which answers /fhir
+    itself (compressing its own responses) and hands the rest to FastAPI's stack."""
+    front: ASGIApp = FhirEndpoint(inner, app)
+    if settings.cors_origins:
+        front = CORSMiddleware(front, allow_origins=settings.cors_origins, allow_methods=["*"],
+                               allow_headers=["*"], expose_headers=EXPOSED)
+    return front
 
 
 def _openapi_with_resource_schema(app: FastAPI) -> Callable[[], dict[str, Any]]:

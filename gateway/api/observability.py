@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -105,12 +106,14 @@ class ObservabilityMiddleware:
                 "duration_ms": round(seconds * 1000, 3), "request_id": request_id})
 
 
-def install(app: FastAPI, settings: Settings) -> None:
-    """Wrap the app's whole middleware stack, outside Starlette's server-error handler."""
+def install(app: FastAPI, settings: Settings,
+            wrap: Callable[[ASGIApp], ASGIApp] = lambda inner: inner) -> None:
+    """Wrap the app's whole middleware stack (and what `wrap` puts around it), outside
+    Starlette's server-error handler."""
     build = app.build_middleware_stack
 
     def build_with_observability() -> ASGIApp:
-        return ObservabilityMiddleware(build(), log_access=settings.log_json)
+        return ObservabilityMiddleware(wrap(build()), log_access=settings.log_json)
 
     app.build_middleware_stack = build_with_observability  # type: ignore[method-assign]
 
