@@ -73,7 +73,7 @@ def _references(value: Any) -> Iterator[tuple[str | None, str | None, str | None
     parts = path.rstrip("/").split("/")
     if len(parts) >= 2 and not ref.startswith(("urn:", "#")):
         absolute = "://" in ref
-        yield parts[-2], parts[-1], ref if absolute else None
+        yield parts[-2], parts[-1], path if absolute else None
     else:
         yield None, None, ref
 

@@ -203,7 +203,7 @@ def parse_reference(raw: str, targets: tuple[str, ...], type_modifier: str | Non
     if "://" in raw or raw.startswith("urn:"):
         tail = raw.split("/_history/")[0].rstrip("/").split("/")
         if len(tail) >= 2 and is_resource_type(tail[-2]):
-            return RefValue(tail[-2], tail[-1], raw)
+            return RefValue(tail[-2], tail[-1], raw.split("/_history/")[0])
         return RefValue(None, None, raw)
     parts = raw.split("/_history/")[0].split("/")
     if len(parts) == 2:
