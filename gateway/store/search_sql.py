@@ -257,8 +257,9 @@ def ids_sql(c: Criterion, resource_type: str, base: str | None) -> Select[Any] |
     if c.name == "_id":
         if c.modifier is not None:
             return None
-        return select(R.c.res_id).where(R.c.res_type == resource_type,
-                                        R.c.res_id.in_([str(v) for v in c.values]))
+        r = R.alias("d_id")
+        return select(r.c.res_id).where(r.c.res_type == resource_type,
+                                        r.c.res_id.in_([str(v) for v in c.values]))
     if c.chain is not None:
         return _chain_ids(c, resource_type, base)
     if c.has is not None:
