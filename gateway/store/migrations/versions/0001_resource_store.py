@@ -1,13 +1,12 @@
 """resource store: versions, history, search index, change log
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-22 21:56:12.334022
 """
 
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0001'
 down_revision = None
