@@ -19,6 +19,7 @@ from gateway.store import search_query as sq
 from gateway.store import search_sql
 from gateway.store.repository import Repository, Version
 from gateway.store.schema import sp_reference
+from gateway.store.search_match import local_reference
 
 MAX_INCLUDE_DEPTH = 3
 
@@ -171,7 +172,7 @@ def _forward(repo: Repository, base: str, includes: list[sq.Include],
             continue
         stmt = select(ref.c.target_type, ref.c.target_id).where(
             ref.c.res_type == inc.source, ref.c.res_id.in_(ids), ref.c.param == inc.param,
-            ref.c.target_id.is_not(None), search_sql.local_reference(ref, base))
+            ref.c.target_id.is_not(None), local_reference(ref, base))
         if inc.target:
             stmt = stmt.where(ref.c.target_type == inc.target)
         keys.extend((t, i) for t, i in repo.conn.execute(stmt) if t)
@@ -191,7 +192,7 @@ def _reverse(repo: Repository, base: str, revincludes: list[sq.Include],
             stmt = select(ref.c.res_type, ref.c.res_id).where(
                 ref.c.res_type == inc.source, ref.c.param == inc.param,
                 ref.c.target_type == target_type, ref.c.target_id.in_(ids),
-                search_sql.local_reference(ref, base))
+                local_reference(ref, base))
             keys.extend((t, i) for t, i in repo.conn.execute(stmt))
     return keys
 
