@@ -129,3 +129,16 @@ def live_server(database_url: str) -> Iterator[str]:
     yield base
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(params=["driven", "walked"])
+def search_plan(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each way a search can run: from its most selective criterion's ids ("driven"),
+    or through every resource in sort order ("walked", what unselective criteria get).
+    Use with `pytestmark = pytest.mark.usefixtures("search_plan")`."""
+    if request.param == "walked":
+        from gateway.store import search_sql
+
+        monkeypatch.setattr(search_sql, "DRIVER_LIMIT", 0)
+        monkeypatch.setattr(search_sql, "SORTED_DRIVER_LIMIT", 0)
+    return str(request.param)

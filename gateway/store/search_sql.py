@@ -201,11 +201,18 @@ def _has_ids(c: Criterion, resource_type: str, base: str | None) -> Select[Any] 
         ref.c.res_id.in_(_live(source_type, sources, "d_has_source")))
 
 
+SORTED_DRIVER_LIMIT = 50_000
+"""The same bound when sorting by a search parameter: no index gives that order, every
+match is read anyway, so reading them from the smallest criterion is the cheaper way."""
+
+
 def choose_driver(conn: Connection, query: SearchQuery) -> int | None:
     """The index of the criterion with the fewest matches, when it has few enough to
-    drive the search; counting stops at DRIVER_LIMIT, so each probe stays cheap."""
+    drive the search; counting stops at the limit, so each probe stays cheap."""
     if query.resource_type is None:
         return None
+    by_param = bool(query.sort) and query.sort[0][0] not in ("_id", "_lastUpdated")
+    limit = SORTED_DRIVER_LIMIT if by_param else DRIVER_LIMIT
     best: tuple[int, int] | None = None
     for i, c in enumerate(query.criteria):
         # Counted without the base-URL test of references: an estimate is enough here,
@@ -216,9 +223,9 @@ def choose_driver(conn: Connection, query: SearchQuery) -> int | None:
         if c.name == "_id":
             found = len(c.values)
         else:
-            probe = select(func.count()).select_from(ids.limit(DRIVER_LIMIT).subquery())
+            probe = select(func.count()).select_from(ids.limit(limit).subquery())
             found = conn.execute(probe).scalar_one()
-        if found < DRIVER_LIMIT and (best is None or found < best[1]):
+        if found < limit and (best is None or found < best[1]):
             best = (i, found)
         if found == 0:
             break

@@ -8,19 +8,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.store import search_sql
 from tests.factories import identifier, organization, patient, ref, task
 
 FHIR = {"Content-Type": "application/fhir+json"}
 
 
-@pytest.fixture(autouse=True, params=["driven", "walked"])
-def plan(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run each test both ways a search can go: from its most selective criterion's ids,
-    and through every resource in sort order (what large, unselective criteria get)."""
-    if request.param == "walked":
-        monkeypatch.setattr(search_sql, "DRIVER_LIMIT", 0)
-    return str(request.param)
+pytestmark = pytest.mark.usefixtures("search_plan")
 
 
 def put(client: TestClient, body: dict[str, Any], resource_id: str) -> None:

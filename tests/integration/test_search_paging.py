@@ -17,6 +17,8 @@ FHIR = {"Content-Type": "application/fhir+json"}
 BASE = "http://testserver/fhir"
 MAX_PAGES = 50
 
+pytestmark = pytest.mark.usefixtures("search_plan")
+
 
 def put(client: TestClient, body: dict[str, Any], resource_id: str) -> None:
     response = client.put(f"/fhir/{body['resourceType']}/{resource_id}",

@@ -10,7 +10,6 @@ from urllib.parse import quote
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.store import search_sql
 from tests.factories import patient, task
 
 FHIR = {"Content-Type": "application/fhir+json"}
@@ -18,13 +17,7 @@ PROFILE = "http://example.org/fhir/StructureDefinition/atm-task"
 CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 
 
-@pytest.fixture(autouse=True, params=["driven", "walked"])
-def plan(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run each test both ways a search can go: from its most selective criterion's ids,
-    and through every resource in sort order (what large, unselective criteria get)."""
-    if request.param == "walked":
-        monkeypatch.setattr(search_sql, "DRIVER_LIMIT", 0)
-    return str(request.param)
+pytestmark = pytest.mark.usefixtures("search_plan")
 
 
 def put(client: TestClient, body: dict[str, Any], resource_id: str) -> dict[str, Any]:

@@ -17,6 +17,8 @@ FHIR = {"Content-Type": "application/fhir+json"}
 SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
              "code": "SUBSETTED", "display": "subsetted"}
 
+pytestmark = pytest.mark.usefixtures("search_plan")
+
 
 def put(client: TestClient, body: dict[str, Any], resource_id: str) -> None:
     response = client.put(f"/fhir/{body['resourceType']}/{resource_id}",
