@@ -100,6 +100,17 @@ def test_lenient_search_ignores_and_reports_unknown_parameters(client: TestClien
     assert parse_qsl(urlsplit(self_link).query) == [("status", "ready")]
 
 
+def test_lenient_count_only_search_still_reports_what_it_ignored(client: TestClient) -> None:
+    put(client, task(), "t1")
+    response = client.get("/fhir/Task?colour=red&_summary=count", headers=LENIENT)
+    assert response.status_code == 200, response.text
+    bundle = response.json()
+    assert bundle["total"] == 1
+    assert [e["search"]["mode"] for e in bundle["entry"]] == ["outcome"]
+    assert bundle["entry"][0]["resource"]["issue"][0]["diagnostics"] == (
+        "Ignored: Unknown search parameter 'colour' for Task")
+
+
 def test_lenient_search_still_rejects_malformed_result_controls(client: TestClient) -> None:
     response = client.get("/fhir/Task?_count=many", headers=LENIENT)
     assert response.status_code == 400
