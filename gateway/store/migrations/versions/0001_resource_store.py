@@ -105,7 +105,6 @@ def upgrade() -> None:
     with op.batch_alter_table('sp_reference', schema=None) as batch_op:
         batch_op.create_index('ix_sp_reference_0', ['res_type', 'param', 'target_id', 'target_type', 'res_id'], unique=False)
         batch_op.create_index('ix_sp_reference_resource', ['res_type', 'res_id'], unique=False)
-        batch_op.create_index('ix_sp_reference_target', ['target_type', 'target_id', 'param'], unique=False)
 
     op.create_table('sp_string',
     sa.Column('res_type', sa.String(length=64), nullable=False),
@@ -128,7 +127,6 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('sp_token', schema=None) as batch_op:
         batch_op.create_index('ix_sp_token_0', ['res_type', 'param', 'code', 'system', 'res_id'], unique=False)
-        batch_op.create_index('ix_sp_token_1', ['res_type', 'param', 'system', 'res_id'], unique=False)
         batch_op.create_index('ix_sp_token_resource', ['res_type', 'res_id'], unique=False)
 
     op.create_table('sp_uri',
@@ -151,7 +149,6 @@ def downgrade() -> None:
     op.drop_table('sp_uri')
     with op.batch_alter_table('sp_token', schema=None) as batch_op:
         batch_op.drop_index('ix_sp_token_resource')
-        batch_op.drop_index('ix_sp_token_1')
         batch_op.drop_index('ix_sp_token_0')
 
     op.drop_table('sp_token')
@@ -161,7 +158,6 @@ def downgrade() -> None:
 
     op.drop_table('sp_string')
     with op.batch_alter_table('sp_reference', schema=None) as batch_op:
-        batch_op.drop_index('ix_sp_reference_target')
         batch_op.drop_index('ix_sp_reference_resource')
         batch_op.drop_index('ix_sp_reference_0')
 
