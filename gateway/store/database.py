@@ -42,8 +42,19 @@ def make_engine(settings: Settings) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(settings.sqlalchemy_url, pool_size=16, max_overflow=16,
-                         pool_pre_ping=True)
+    engine = create_engine(settings.sqlalchemy_url, pool_size=16, max_overflow=16,
+                           pool_pre_ping=True)
+    event.listen(engine, "connect", _postgres_session)
+    return engine
+
+
+def _postgres_session(dbapi_conn: Any, _record: Any) -> None:
+    """Plan every statement with its values: otherwise PostgreSQL keeps, for a pooled
+    connection's whole life, the generic plan it made while a table was small (a
+    sequential scan). Measured: a primary-key read at 70k Tasks took tens of ms that way."""
+    with dbapi_conn.cursor() as cur:
+        cur.execute("SET plan_cache_mode = force_custom_plan")
+    dbapi_conn.commit()
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -26,7 +26,7 @@ MODIFIERS = {
     "uri": {"missing", "below", "above"},
 }
 RESULT_PARAMS = {"_count", "_sort", "_include", "_revinclude", "_summary", "_elements",
-                 "_total", "_format", "_pretty", "_cursor", "_include:iterate",
+                 "_total", "_totalMethod", "_format", "_pretty", "_cursor", "_include:iterate",
                  "_revinclude:iterate"}
 UNSUPPORTED = {"_text", "_content", "_filter", "_query", "_list", "_contained",
                "_containedType", "_type"}
@@ -382,6 +382,10 @@ def _apply(query: SearchQuery, name: str, raw: str, max_count: int) -> None:
         if raw not in TOTAL:
             raise InvalidError(f"_total must be one of {', '.join(sorted(TOTAL))}")
         query.total = raw
+    elif base == "_totalMethod":  # Aidbox's name for _total, sent by fhirpy's count()
+        if raw not in ("count", "estimate"):
+            raise InvalidError("_totalMethod must be count or estimate")
+        query.total = "accurate" if raw == "count" else "estimate"
     elif base == "_cursor":
         query.cursor = raw
     elif base in ("_format", "_pretty"):

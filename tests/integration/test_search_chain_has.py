@@ -3,23 +3,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from fastapi.testclient import TestClient
 
 from tests.factories import identifier, organization, patient, ref, task
+from tests.integration.search_support import put
 
 FHIR = {"Content-Type": "application/fhir+json"}
 
 
 pytestmark = pytest.mark.usefixtures("search_plan")
-
-
-def put(client: TestClient, body: dict[str, Any], resource_id: str) -> None:
-    response = client.put(f"/fhir/{body['resourceType']}/{resource_id}",
-                          json={**body, "id": resource_id}, headers=FHIR)
-    assert response.status_code == 201, response.text
 
 
 def found(client: TestClient, url: str) -> set[str]:

@@ -10,16 +10,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.factories import patient, task
+from tests.integration.search_support import put
 
 FHIR = {"Content-Type": "application/fhir+json"}
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 LENIENT = {"Prefer": "handling=lenient"}
-
-
-def put(client: TestClient, body: dict[str, Any], resource_id: str) -> None:
-    response = client.put(f"/fhir/{body['resourceType']}/{resource_id}",
-                          json={**body, "id": resource_id}, headers=FHIR)
-    assert response.status_code == 201, response.text
 
 
 def outcome(code: str, diagnostics: str) -> dict[str, Any]:

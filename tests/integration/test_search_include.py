@@ -12,20 +12,9 @@ from fastapi.testclient import TestClient
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.factories import organization, patient, ref, task
+from tests.integration.search_support import put, search
 
 FHIR = {"Content-Type": "application/fhir+json"}
-
-
-def put(client: TestClient, body: dict[str, Any], resource_id: str) -> None:
-    response = client.put(f"/fhir/{body['resourceType']}/{resource_id}",
-                          json={**body, "id": resource_id}, headers=FHIR)
-    assert response.status_code == 201, response.text
-
-
-def search(client: TestClient, url: str) -> dict[str, Any]:
-    response = client.get(url)
-    assert response.status_code == 200, response.text
-    return dict(response.json())
 
 
 def by_mode(bundle: dict[str, Any], mode: str) -> list[str]:

@@ -12,24 +12,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.factories import patient, task
+from tests.integration.search_support import put, search
 
 FHIR = {"Content-Type": "application/fhir+json"}
 BASE = "http://testserver/fhir"
 MAX_PAGES = 50
 
 pytestmark = pytest.mark.usefixtures("search_plan")
-
-
-def put(client: TestClient, body: dict[str, Any], resource_id: str) -> None:
-    response = client.put(f"/fhir/{body['resourceType']}/{resource_id}",
-                          json={**body, "id": resource_id}, headers=FHIR)
-    assert response.status_code in (200, 201), response.text
-
-
-def search(client: TestClient, url: str) -> dict[str, Any]:
-    response = client.get(url)
-    assert response.status_code == 200, response.text
-    return dict(response.json())
 
 
 def link(bundle: dict[str, Any], relation: str) -> str | None:

@@ -4,13 +4,13 @@ _lastUpdated, _tag, _profile, _security, at type level and at system level."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from typing import Any
 from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
 
 from tests.factories import patient, task
+from tests.integration.search_support import put
 
 FHIR = {"Content-Type": "application/fhir+json"}
 PROFILE = "http://example.org/fhir/StructureDefinition/atm-task"
@@ -18,13 +18,6 @@ CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 
 
 pytestmark = pytest.mark.usefixtures("search_plan")
-
-
-def put(client: TestClient, body: dict[str, Any], resource_id: str) -> dict[str, Any]:
-    response = client.put(f"/fhir/{body['resourceType']}/{resource_id}",
-                          json={**body, "id": resource_id}, headers=FHIR)
-    assert response.status_code == 201, response.text
-    return dict(response.json())
 
 
 def matches(client: TestClient, url: str) -> list[str]:
