@@ -6,7 +6,7 @@ https://hl7.org/fhir/R4/http.html for which status goes with which failure.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -126,20 +126,6 @@ class UnexpectedError(FhirError):
     """An unknown failure: the client sees only a correlation id, never the cause."""
 
     status, code = 500, "exception"
-
-
-@dataclass
-class ErrorList:
-    """Collects several validation issues before raising one InvalidError."""
-
-    issues: list[Issue] = field(default_factory=list)
-
-    def add(self, diagnostics: str, expression: str | None = None, code: str = "invalid") -> None:
-        self.issues.append(Issue(code, diagnostics, expression=(expression,) if expression else ()))
-
-    def raise_if_any(self, summary: str = "Invalid resource") -> None:
-        if self.issues:
-            raise InvalidError(summary, issues=self.issues)
 
 
 ALL_ERRORS: tuple[type[FhirError], ...] = (

@@ -195,7 +195,3 @@ def _reverse(repo: Repository, base: str, revincludes: list[sq.Include],
                 local_reference(ref, base))
             keys.extend((t, i) for t, i in repo.conn.execute(stmt))
     return keys
-
-
-def lenient_warnings(query: sq.SearchQuery) -> list[Issue]:
-    return query.ignored

@@ -10,7 +10,6 @@ import pytest
 from gateway import errors, fhir
 from gateway.errors import (
     ALL_ERRORS,
-    ErrorList,
     FhirError,
     InvalidError,
     Issue,
@@ -90,22 +89,3 @@ def test_issue_severities_are_from_the_value_set(severity: str) -> None:
 
     assert fhir.validate(outcome) == []
     assert outcome["issue"][0]["severity"] == severity
-
-
-def test_error_list_raises_one_invalid_error_with_every_issue() -> None:
-    collected = ErrorList()
-    collected.add("first problem", "Task.status")
-    collected.add("second problem", code="required")
-
-    with pytest.raises(InvalidError) as caught:
-        collected.raise_if_any("Two problems")
-
-    assert caught.value.diagnostics == "Two problems"
-    assert [i.to_json() for i in caught.value.issues] == [
-        {"severity": "error", "code": "invalid", "diagnostics": "first problem",
-         "expression": ["Task.status"]},
-        {"severity": "error", "code": "required", "diagnostics": "second problem"}]
-
-
-def test_empty_error_list_raises_nothing() -> None:
-    ErrorList().raise_if_any()
