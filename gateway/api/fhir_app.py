@@ -14,7 +14,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -22,10 +21,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import jsonio
 from gateway.api.http import FHIR_JSON_UTF8, base_url, check_accept, read_body
-from gateway.errors import ConflictError, FhirError, UnexpectedError
+from gateway.errors import FhirError, UnexpectedError
 from gateway.services.context import Context, FhirRequest, FhirResponse
-from gateway.services.router import dispatch
-from gateway.store.database import is_transient
+from gateway.services.router import handle
 from gateway.store.repository import Actor
 
 log = logging.getLogger("gateway.errors")
@@ -89,12 +87,6 @@ async def respond(request: Request) -> Response:
         return await _respond(request)
     except FhirError as exc:
         return error_response(exc)
-    except DBAPIError as exc:
-        if not is_transient(exc):
-            return _unexpected(request)
-        return error_response(ConflictError(
-            "A concurrent request changed the same resources; nothing was stored. Retry.",
-            headers={"Retry-After": "1"}))
     except Exception:  # noqa: BLE001 - the client gets an id to quote, never the cause
         return _unexpected(request)
 
@@ -120,9 +112,9 @@ async def _respond(request: Request) -> Response:
     ctx = Context(db=app.state.db, settings=settings, base_url=base_url(request),
                   actor=Actor(request_id=request.scope.get("state", {}).get("request_id")))
     if app.state.db.is_sqlite and _is_instance_read(method, path):
-        result = dispatch(ctx, fhir_request)
+        result = handle(ctx, fhir_request)
     else:
-        result = await run_in_threadpool(dispatch, ctx, fhir_request)
+        result = await run_in_threadpool(handle, ctx, fhir_request)
     return to_response(result)
 
 

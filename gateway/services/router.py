@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl
 
-from gateway.errors import InvalidError, MethodNotAllowedError, NotFoundError
+from sqlalchemy.exc import DBAPIError
+
+from gateway.errors import ConflictError, InvalidError, MethodNotAllowedError, NotFoundError
 from gateway.services import bundle, capability, crud, history, operations, search
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.resources import check_type
+from gateway.store.database import is_transient
 
 
 def _allow(method: str, allowed: str) -> None:
@@ -32,6 +35,19 @@ def _form_query(request: FhirRequest) -> list[tuple[str, str]]:
     except UnicodeDecodeError as exc:
         raise InvalidError("Form body is not valid UTF-8") from exc
     return [*request.query, *parse_qsl(body, keep_blank_values=True)]
+
+
+def handle(ctx: Context, request: FhirRequest) -> FhirResponse:
+    """One client request. Losing a PostgreSQL deadlock stored nothing: the client is told
+    to retry (409). Inside a transaction Bundle, entries go to `dispatch`, so the Bundle
+    can replay itself instead."""
+    try:
+        return dispatch(ctx, request)
+    except DBAPIError as exc:
+        if not is_transient(exc):
+            raise
+        raise ConflictError("A concurrent request changed the same resources; nothing was "
+                            "stored. Retry.", headers={"Retry-After": "1"}) from exc
 
 
 def dispatch(ctx: Context, request: FhirRequest) -> FhirResponse:

@@ -40,7 +40,7 @@ def test_database_failures_become_outcomes(settings: Settings, monkeypatch: pyte
     def fail(*_args: Any) -> None:
         raise DBAPIError("UPDATE resources …", {}, cause("internal detail"))
 
-    monkeypatch.setattr("gateway.api.fhir_app.dispatch", fail)
+    monkeypatch.setattr("gateway.services.router.dispatch", fail)
     with TestClient(create_app(settings, migrate=False),
                     raise_server_exceptions=False) as client:
         response = client.put("/fhir/Task/1", json=task(id="1"), headers=FHIR)

@@ -118,7 +118,7 @@ def test_unexpected_error_answers_500_with_request_id_and_is_counted(
     def explode(*_args: Any) -> None:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr("gateway.api.fhir_app.dispatch", explode)
+    monkeypatch.setattr("gateway.api.fhir_app.handle", explode)
     app = create_app(settings, migrate=False)
     with TestClient(app, raise_server_exceptions=False) as client:
         before = request_count(client, "GET", "/fhir/{type}/{id}", 500)
