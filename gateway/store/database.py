@@ -210,6 +210,7 @@ class Database:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
         self._local = threading.local()
+        self._point_conns: list[Any] = []  # every thread's point-read connection, to close
         self._writer = _GroupCommitter(engine) if self.is_sqlite else None
         self._checkpointer = _Checkpointer(engine) if self.is_sqlite else None
         if self._checkpointer is not None:
@@ -247,6 +248,7 @@ class Database:
         raw = getattr(self._local, "raw", None)
         if raw is None:
             raw = self._local.raw = self.engine.raw_connection()
+            self._point_conns.append(raw)
         return raw.cursor().execute(sqlite_sql, params).fetchone()
 
     def ping(self) -> None:
@@ -258,4 +260,7 @@ class Database:
             self._checkpointer.stop()
         if self._writer is not None:
             self._writer.close()
+        for raw in self._point_conns:
+            raw.close()
+        self._point_conns.clear()
         self.engine.dispose()
