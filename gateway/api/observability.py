@@ -8,8 +8,8 @@ carries its X-Request-ID and is counted.
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -56,7 +56,7 @@ def request_id_of(scope: Scope) -> str:
             if 0 < len(given) <= _MAX_ID and _ID_CHARS.issuperset(given):
                 return given
             break
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as unique as uuid4().hex, without building a UUID
 
 
 def route_of(scope: Scope) -> str:

@@ -139,7 +139,8 @@ def _serve(ctx: Context, request: FhirRequest, version: Version | None,
     if_none_match = request.header("if-none-match")
     if if_none_match and _etag_listed(if_none_match, version.version):
         return FhirResponse(304, None, headers)
-    since = parse_http_date(request.header("if-modified-since") or "")
+    modified_since = request.header("if-modified-since")
+    since = parse_http_date(modified_since) if modified_since else None
     if since is not None and version.last_updated // 1_000_000 <= since // 1_000_000:
         return FhirResponse(304, None, headers)
     return FhirResponse(200, version.content, headers)
