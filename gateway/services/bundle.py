@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
-from sqlalchemy import select, tuple_
 from sqlalchemy.exc import DBAPIError
 
 from gateway import jsonio
@@ -41,7 +40,6 @@ from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.resources import body_json, check_type
 from gateway.store.database import is_transient
 from gateway.store.repository import Repository, new_id
-from gateway.store.schema import resources
 
 log = logging.getLogger("gateway.bundle")
 
@@ -141,7 +139,7 @@ def _transaction(ctx: Context, entries: list[Entry], prefer: str | None
         repo = Repository(conn, ctx.actor)
         plan = _plan_ids(tx, repo, entries)
         _check_overlaps(entries, plan)
-        _lock_targets(repo, plan)
+        repo.lock_rows({_split_reference(t) for t in plan.targets.values()})
         requests = _rewrite_references(tx, repo, entries, plan, prefer)
         for entry in sorted(entries, key=lambda e: _run_order(e, plan)):
             with _blame(entry):
@@ -152,19 +150,9 @@ def _transaction(ctx: Context, entries: list[Entry], prefer: str | None
     return [_answer(e, results[e.index]) for e in entries]
 
 
-def _lock_targets(repo: Repository, plan: Plan) -> None:
-    """Lock every existing resource the transaction changes, in one sorted sweep, before
-    changing any: concurrent PostgreSQL transactions then queue instead of deadlocking
-    (a DELETE-phase row and a PUT-phase row would otherwise be taken in either order).
-    SQLite has one writer at a time and needs none of this."""
-    if not plan.targets or repo.conn.dialect.name != "postgresql":
-        return
-    keys = sorted({tuple(t.split("/", 1)) for t in plan.targets.values()})
-    repo.conn.execute(
-        select(resources.c.res_id)
-        .where(tuple_(resources.c.res_type, resources.c.res_id).in_(keys))
-        .order_by(resources.c.res_type, resources.c.res_id)
-        .with_for_update()).all()
+def _split_reference(reference: str) -> tuple[str, str]:
+    resource_type, _, resource_id = reference.partition("/")
+    return resource_type, resource_id
 
 
 def _run_order(entry: Entry, plan: Plan) -> tuple[int, str, int]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, insert, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -293,6 +293,19 @@ class Repository:
             self.conn.execute(_INDEX_DELETE[kind], key)
 
     # -- conditional create / update -----------------------------------------------
+    def lock_rows(self, keys: set[tuple[str, str]]) -> None:
+        """Lock these existing resources, in one sorted sweep, before changing any:
+        concurrent PostgreSQL transactions then queue instead of deadlocking (rows taken
+        in different orders by different phases would otherwise cross). SQLite has one
+        writer at a time and needs none of this."""
+        if not keys or self.conn.dialect.name != "postgresql":
+            return
+        self.conn.execute(
+            select(resources.c.res_id)
+            .where(tuple_(resources.c.res_type, resources.c.res_id).in_(sorted(keys)))
+            .order_by(resources.c.res_type, resources.c.res_id)
+            .with_for_update()).all()
+
     def lock_criteria(self, resource_type: str, criteria: str) -> None:
         """Serialise conditional writes with the same criteria until this transaction ends.
 
