@@ -10,7 +10,9 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -100,6 +102,14 @@ def db(settings: Settings) -> Iterator[Database]:
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
     app = create_app(settings, migrate=False)
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@contextmanager
+def client_with(settings: Settings, **overrides: Any) -> Iterator[TestClient]:
+    """A client of a server whose settings differ from the test's in `overrides`."""
+    app = create_app(settings.model_copy(update=overrides), migrate=False)
     with TestClient(app) as test_client:
         yield test_client
 

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.app import create_app
 from gateway.settings import Settings
 from gateway.store.database import Database
+from tests.conftest import client_with
 from tests.factories import patient, task
 from tests.integration.bundles_support import (
     FHIR,
@@ -30,8 +30,7 @@ from tests.integration.bundles_support import (
 @pytest.fixture
 def small_client(settings: Settings) -> Iterator[TestClient]:
     """A server that takes at most three entries per Bundle."""
-    small = settings.model_copy(update={"transaction_max_entries": 3})
-    with TestClient(create_app(small, migrate=False)) as test_client:
+    with client_with(settings, transaction_max_entries=3) as test_client:
         yield test_client
 
 

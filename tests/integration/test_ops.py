@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -15,19 +13,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
 from gateway.settings import Settings
+from tests.conftest import client_with
 from tests.factories import ref, task
 
 FHIR = {"Content-Type": "application/fhir+json"}
 PORTAL = "https://portal.example"
 PROXY = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "atm.example.org",
          "X-Forwarded-Prefix": "/gw"}
-
-
-@contextmanager
-def app_client(settings: Settings, **changes: Any) -> Iterator[TestClient]:
-    app = create_app(settings.model_copy(update=changes), migrate=False)
-    with TestClient(app) as test_client:
-        yield test_client
 
 
 def request_count(client: TestClient, method: str, route: str, status: int) -> float:
@@ -145,7 +137,7 @@ def test_large_search_bundle_is_gzipped_when_client_accepts_it(client: TestClien
 
 
 def test_cors_preflight_from_allowed_origin_is_answered(settings: Settings) -> None:
-    with app_client(settings, cors_origins=[PORTAL]) as client:
+    with client_with(settings, cors_origins=[PORTAL]) as client:
         response = client.options("/fhir/Task", headers={
             "Origin": PORTAL, "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "content-type,if-match"})
@@ -156,7 +148,7 @@ def test_cors_preflight_from_allowed_origin_is_answered(settings: Settings) -> N
 
 
 def test_cors_simple_request_exposes_fhir_headers(settings: Settings) -> None:
-    with app_client(settings, cors_origins=[PORTAL]) as client:
+    with client_with(settings, cors_origins=[PORTAL]) as client:
         response = client.post("/fhir/Task", json=task(), headers={**FHIR, "Origin": PORTAL})
     assert response.status_code == 201
     assert response.headers["access-control-allow-origin"] == PORTAL
@@ -166,7 +158,7 @@ def test_cors_simple_request_exposes_fhir_headers(settings: Settings) -> None:
 
 
 def test_cors_request_from_other_origin_gets_no_allow_origin(settings: Settings) -> None:
-    with app_client(settings, cors_origins=[PORTAL]) as client:
+    with client_with(settings, cors_origins=[PORTAL]) as client:
         response = client.get("/fhir/metadata", headers={"Origin": "https://evil.example"})
     assert response.status_code == 200
     assert "access-control-allow-origin" not in response.headers
@@ -178,7 +170,7 @@ def test_cors_is_off_when_no_origin_is_configured(client: TestClient) -> None:
 
 
 def test_forwarded_headers_build_links_when_trusted(settings: Settings) -> None:
-    with app_client(settings, trust_forwarded_headers=True) as client:
+    with client_with(settings, trust_forwarded_headers=True) as client:
         created = client.post("/fhir/Task", json=task(), headers={**FHIR, **PROXY})
         found = client.get("/fhir/Task?status=ready", headers=PROXY).json()
     resource_id = created.json()["id"]

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.app import create_app
 from gateway.settings import Settings
+from tests.conftest import client_with
 from tests.factories import organization, patient, ref, task
 from tests.integration.search_support import put, search
 
@@ -124,11 +124,9 @@ def test_malformed_include_is_rejected(clinic: TestClient, value: str,
 
 
 @pytest.fixture
-def capped_client(database_url: str) -> Iterator[TestClient]:
+def capped_client(settings: Settings) -> Iterator[TestClient]:
     """A server that adds at most two included resources to a page."""
-    settings = Settings(database_url=database_url, base_url="http://testserver/fhir",
-                        log_json=False, max_include=2)
-    with TestClient(create_app(settings, migrate=False)) as client:
+    with client_with(settings, max_include=2) as client:
         yield client
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.app import create_app
 from gateway.settings import Settings
+from tests.conftest import client_with
 from tests.factories import patient, task
 from tests.integration.search_support import put, search
 
@@ -118,10 +118,8 @@ def test_count_that_is_not_a_number_is_rejected(client: TestClient, count: str) 
 
 
 @pytest.fixture
-def small_pages_client(database_url: str) -> Iterator[TestClient]:
-    settings = Settings(database_url=database_url, base_url="http://testserver/fhir",
-                        log_json=False, max_page_size=4)
-    with TestClient(create_app(settings, migrate=False)) as client:
+def small_pages_client(settings: Settings) -> Iterator[TestClient]:
+    with client_with(settings, max_page_size=4) as client:
         yield client
 
 
