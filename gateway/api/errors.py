@@ -74,11 +74,16 @@ async def on_validation_error(request: Request, exc: Exception) -> Response:
     return outcome_response(InvalidError("Malformed request"))
 
 
-async def on_unexpected(request: Request, exc: Exception) -> Response:
+def unexpected_response(request: Request) -> Response:
+    """Log the exception being handled; the client gets only an id to quote."""
     request_id = getattr(request.state, "request_id", "-")
     log.exception("unhandled error", extra={"request_id": request_id})
     return outcome_response(UnexpectedError(
         f"Internal error; quote correlation id {request_id} to the operators"))
+
+
+async def on_unexpected(request: Request, exc: Exception) -> Response:
+    return unexpected_response(request)
 
 
 def install(app: FastAPI) -> None:

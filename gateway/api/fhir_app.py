@@ -10,7 +10,6 @@ lookup there takes microseconds, less than the hop to a thread.
 from __future__ import annotations
 
 import gzip
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,14 +18,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway import jsonio
+from gateway.api.errors import outcome_response, unexpected_response
 from gateway.api.http import FHIR_JSON_UTF8, base_url, check_accept, read_body
-from gateway.errors import FhirError, UnexpectedError
+from gateway.errors import FhirError
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.router import handle
 from gateway.store.repository import Actor
 
-log = logging.getLogger("gateway.errors")
 PREFIX = "/fhir"
 GZIP_MIN_BYTES = 1024
 GZIP_LEVEL = 5  # most of level 9's saving on JSON at a fraction of its time
@@ -86,16 +84,9 @@ async def respond(request: Request) -> Response:
     try:
         return await _respond(request)
     except FhirError as exc:
-        return error_response(exc)
+        return outcome_response(exc)
     except Exception:  # noqa: BLE001 - the client gets an id to quote, never the cause
-        return _unexpected(request)
-
-
-def _unexpected(request: Request) -> Response:
-    request_id = request.scope.get("state", {}).get("request_id", "-")
-    log.exception("unhandled error", extra={"request_id": request_id})
-    return error_response(UnexpectedError(
-        f"Internal error; quote correlation id {request_id} to the operators"))
+        return unexpected_response(request)
 
 
 async def _respond(request: Request) -> Response:
@@ -135,8 +126,3 @@ def to_response(result: FhirResponse) -> Response:
     if result.body is None:
         return Response(status_code=result.status, headers=result.headers)
     return Response(result.body, result.status, result.headers, media_type=FHIR_JSON_UTF8)
-
-
-def error_response(error: FhirError) -> Response:
-    return Response(jsonio.dumps(error.outcome()), error.status, error.headers,
-                    media_type=FHIR_JSON_UTF8)
