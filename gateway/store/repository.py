@@ -14,48 +14,29 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, delete, insert, select, tuple_, update
+from sqlalchemy import Connection, Table, bindparam, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from gateway import jsonio
 from gateway.errors import ConflictError, PreconditionFailedError
 from gateway.store.database import Database
+from gateway.store.driver import CURRENT_COLUMNS, Driver, statements
 from gateway.store.indexing import index_rows
-from gateway.store.schema import (
-    INDEX_TABLES,
-    change_log,
-    conditional_keys,
-    resource_history,
-    resources,
-)
+from gateway.store.schema import conditional_keys, resource_history, resources
 from gateway.store.search_params import indexed_params
 from gateway.store.timeparse import format_instant, now_micros
 
 UPDATE_RETRIES = 20
 
 # Statements are built once: building SQLAlchemy constructs per call cost more than
-# executing them. Values travel as bound parameters.
-_READ = select(resources).where(resources.c.res_type == bindparam("t"),
-                                resources.c.res_id == bindparam("i"))
+# executing them. Values travel as bound parameters. (The write path's own statements
+# run on the driver: see driver.py.)
 _VREAD = select(resource_history).where(resource_history.c.res_type == bindparam("t"),
                                         resource_history.c.res_id == bindparam("i"),
                                         resource_history.c.version == bindparam("v"))
-_REPLACE = (update(resources)
-            .where(resources.c.res_type == bindparam("t"), resources.c.res_id == bindparam("i"),
-                   resources.c.version == bindparam("expected"))
-            .values(version=bindparam("new_version"), last_updated=bindparam("at"),
-                    deleted=bindparam("is_deleted"), content=bindparam("body")))
-_HISTORY = insert(resource_history)
-_CHANGE = insert(change_log)
-_INDEX_INSERT = {kind: insert(table) for kind, table in INDEX_TABLES.items()}
-_INDEX_DELETE = {kind: delete(table).where(table.c.res_type == bindparam("t"),
-                                           table.c.res_id == bindparam("i"))
-                 for kind, table in INDEX_TABLES.items()}
-
-
-_COLUMNS = "res_type, res_id, version, last_updated, deleted, content"
-_POINT_READ = f"SELECT {_COLUMNS} FROM resources WHERE res_type = ? AND res_id = ?"
+_COLUMNS = ", ".join(CURRENT_COLUMNS)
+_POINT_READ = statements("sqlite").read
 _POINT_VREAD = (f"SELECT {_COLUMNS}, method FROM resource_history "
                 "WHERE res_type = ? AND res_id = ? AND version = ?")
 
@@ -153,11 +134,15 @@ class Repository:
     def __init__(self, conn: Connection, actor: Actor | None = None) -> None:
         self.conn = conn
         self.actor = actor or Actor()
+        self._driver = Driver(conn)
+        self._sql = self._driver.sql
 
     # -- reads ---------------------------------------------------------------------
     def read(self, resource_type: str, resource_id: str) -> Version | None:
-        row = self.conn.execute(_READ, {"t": resource_type, "i": resource_id}).first()
-        return _version_from(row) if row else None
+        row = self._driver.execute(self._sql.read, (resource_type, resource_id)).fetchone()
+        if row is None:
+            return None
+        return Version(row[0], row[1], row[2], row[3], bool(row[4]), row[5])
 
     def read_many(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Version]:
         """Current versions of many resources (deleted ones left out), in one query each type."""
@@ -193,9 +178,9 @@ class Repository:
         resource_type = resource["resourceType"]
         at = now_micros()
         content = stamp(resource, resource_id, 1, at)
-        inserted = self._insert_new(resources, res_type=resource_type, res_id=resource_id,
-                                    version=1, last_updated=at, deleted=False, content=content)
-        if not inserted:
+        inserted = self._driver.execute(self._sql.insert_current, (
+            resource_type, resource_id, 1, at, False, content)).fetchone()
+        if inserted is None:
             return None
         version = Version(resource_type, resource_id, 1, at, False, content, method)
         self._record(version, resource, "create")
@@ -257,9 +242,9 @@ class Repository:
         """Write the version after `current`; None when another writer got there first."""
         number, at = current.version + 1, max(now_micros(), current.last_updated)
         content = stamp(resource, current.id, number, at) if resource is not None else None
-        result = self.conn.execute(_REPLACE, {
-            "t": current.resource_type, "i": current.id, "expected": current.version,
-            "new_version": number, "at": at, "is_deleted": resource is None, "body": content})
+        result = self._driver.execute(self._sql.replace_current, (
+            number, at, resource is None, content, current.resource_type, current.id,
+            current.version))
         if result.rowcount != 1:
             return None
         version = Version(current.resource_type, current.id, number, at, resource is None,
@@ -270,27 +255,27 @@ class Repository:
 
     def _record(self, version: Version, resource: dict[str, Any] | None,
                 interaction: str) -> None:
-        self.conn.execute(_HISTORY, {
-            "res_type": version.resource_type, "res_id": version.id, "version": version.version,
-            "last_updated": version.last_updated, "method": version.method,
-            "deleted": version.deleted, "content": version.content})
+        key = (version.resource_type, version.id)
+        self._driver.execute(self._sql.insert_history, (
+            *key, version.version, version.last_updated, version.method, version.deleted,
+            version.content))
         if resource is not None:
-            self._write_index(version, resource)
-        self.conn.execute(_CHANGE, {
-            "res_type": version.resource_type, "res_id": version.id, "version": version.version,
-            "interaction": interaction, "at": version.last_updated, "actor": self.actor.name,
-            "request_id": self.actor.request_id})
+            self._write_index(key, resource)
+        self._driver.execute(self._sql.insert_change, (
+            *key, version.version, interaction, version.last_updated, self.actor.name,
+            self.actor.request_id))
 
-    def _write_index(self, version: Version, resource: dict[str, Any]) -> None:
-        key = {"res_type": version.resource_type, "res_id": version.id}
+    def _write_index(self, key: tuple[str, str], resource: dict[str, Any]) -> None:
         for kind, rows in index_rows(resource).items():
             if rows:
-                self.conn.execute(_INDEX_INSERT[kind], [{**key, **row} for row in rows])
+                sql, columns = self._sql.insert_index[kind]
+                self._driver.execute_many(
+                    sql, [(*key, *(row.get(c) for c in columns)) for row in rows])
 
     def _clear_index(self, version: Version) -> None:
-        key = {"t": version.resource_type, "i": version.id}
+        key = (version.resource_type, version.id)
         for kind in _index_kinds(version.resource_type):
-            self.conn.execute(_INDEX_DELETE[kind], key)
+            self._driver.execute(self._sql.delete_index[kind], key)
 
     # -- conditional create / update -----------------------------------------------
     def lock_rows(self, keys: set[tuple[str, str]]) -> None:
