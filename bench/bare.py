@@ -1,8 +1,11 @@
-"""The baseline: a bare ASGI app under the same uvicorn settings as `atm serve`.
+"""The baselines: bare endpoints under the same uvicorn settings as `atm serve`.
 
-GET answers a small pre-serialised JSON body, POST reads the body and answers 201. What
-the gateway reaches relative to this is what the framework, FHIR and storage cost.
-Run: `python -m bench.bare --port N`.
+`asgi` is a raw ASGI callable: GET answers a small pre-serialised JSON body, POST reads
+the body and answers 201. `fastapi` is the same in the framework the gateway is built on
+(the measurements in PERFORMANCE.md and the issue's targets refer to it): GET returns
+pre-serialised bytes, POST parses the JSON body with orjson and answers 201. What the
+gateway reaches relative to these is what FHIR and storage cost.
+Run: `python -m bench.bare --port N [--framework asgi|fastapi]`.
 """
 
 from __future__ import annotations
@@ -10,12 +13,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import orjson
+
 BODY = b'{"resourceType":"Task","id":"bare","status":"ready","intent":"order"}'
-HEADERS = [(b"content-type", b"application/fhir+json"),
+MEDIA_TYPE = "application/fhir+json"
+HEADERS = [(b"content-type", MEDIA_TYPE.encode()),
            (b"content-length", str(len(BODY)).encode())]
 
 
-async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
         while True:
             message = await receive()
@@ -33,13 +39,32 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": BODY})
 
 
+def fastapi_app() -> Any:
+    from fastapi import FastAPI, Request, Response
+
+    api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    @api.get("/bare")
+    async def read() -> Response:
+        return Response(BODY, media_type=MEDIA_TYPE)
+
+    @api.post("/bare")
+    async def create(request: Request) -> Response:
+        orjson.loads(await request.body())
+        return Response(BODY, status_code=201, media_type=MEDIA_TYPE)
+
+    return api
+
+
 def main() -> None:
     import uvicorn
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--framework", choices=["asgi", "fastapi"], default="asgi")
     args = parser.parse_args()
+    app = asgi_app if args.framework == "asgi" else fastapi_app()
     # The same server settings as gateway.cli.serve.
     uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
                 access_log=False, log_level="warning", lifespan="on")

@@ -23,7 +23,8 @@ Request = tuple[str, str, bytes | None]
 Builder = Callable[[int, int, random.Random], Request]
 """(connection number, sequence number, connection's random) -> (method, path, body)."""
 
-EXPECTED_STATUS = {"bare-get": 200, "bare-post": 201, "load": 200, "create": 201,
+EXPECTED_STATUS = {"asgi-get": 200, "asgi-post": 201, "fastapi-get": 200, "fastapi-post": 201,
+                   "load": 200, "create": 201,
                    "read": 200, "update": 200, "search": 200, "search-1": 200,
                    "transaction": 200}
 
@@ -67,11 +68,11 @@ def builder(scenario: str, params: dict[str, Any]) -> Builder:
     """The request maker of a scenario. params: tasks (loaded), connections."""
     tasks = int(params.get("tasks", 0))
     connections = int(params.get("connections", 1))
-    if scenario == "bare-get":
+    if scenario in ("asgi-get", "fastapi-get"):
         return lambda c, i, rng: ("GET", "/bare", None)
-    if scenario in ("bare-post", "create"):
+    if scenario in ("asgi-post", "fastapi-post", "create"):
         body = orjson.dumps(new_task())
-        path = "/bare" if scenario == "bare-post" else "/fhir/Task"
+        path = "/fhir/Task" if scenario == "create" else "/bare"
         return lambda c, i, rng: ("POST", path, body)
     if scenario == "load":
         return lambda c, i, rng: ("POST", "/fhir", load_bundle(
