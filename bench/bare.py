@@ -14,6 +14,7 @@ import argparse
 from typing import Any
 
 import orjson
+from fastapi import FastAPI, Request, Response
 
 BODY = b'{"resourceType":"Task","id":"bare","status":"ready","intent":"order"}'
 MEDIA_TYPE = "application/fhir+json"
@@ -39,9 +40,7 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": BODY})
 
 
-def fastapi_app() -> Any:
-    from fastapi import FastAPI, Request, Response
-
+def fastapi_app() -> FastAPI:
     api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
     @api.get("/bare")
