@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
         fhir.warm_up()
         app.state.db = db
         yield
+        observability.ACCESS_LOG.flush()
         db.dispose()
 
     app = FastAPI(title="ATM Gateway", version=__version__, lifespan=lifespan,

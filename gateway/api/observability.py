@@ -7,8 +7,10 @@ carries its X-Request-ID and is counted.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -66,10 +68,53 @@ def route_of(scope: Scope) -> str:
     return path if isinstance(path, str) else UNMATCHED
 
 
+class AccessLog:
+    """The JSON access log: a line per request, written to stderr in batches.
+
+    Through `logging`, a line cost ~35 µs (a LogRecord, the formatter, a write and a
+    flush per line): a sixth of a whole read. Lines are the same JSON objects the
+    logging formatter makes, built directly, and written together at most
+    FLUSH_SECONDS later, when BATCH_LINES have gathered, or at shutdown.
+    """
+
+    FLUSH_SECONDS = 0.25
+    BATCH_LINES = 256
+
+    def __init__(self) -> None:
+        self._lines: list[bytes] = []
+
+    def add(self, fields: dict[str, Any]) -> None:
+        message = f"{fields['method']} {fields['route']} {fields['status']}"
+        self._lines.append(orjson.dumps({
+            "ts": timestamp(time.time()), "level": "INFO", "logger": access_log.name,
+            "message": message, **fields}))
+        if len(self._lines) >= self.BATCH_LINES:
+            self.flush()
+        elif len(self._lines) == 1:
+            try:
+                asyncio.get_running_loop().call_later(self.FLUSH_SECONDS, self.flush)
+            except RuntimeError:  # no event loop (a synchronous caller): write at once
+                self.flush()
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        lines, self._lines = self._lines, []
+        try:
+            sys.stderr.write(b"\n".join([*lines, b""]).decode())
+            sys.stderr.flush()
+        except (OSError, ValueError):  # stderr closed at interpreter exit
+            pass
+
+
+ACCESS_LOG = AccessLog()
+
+
 class ObservabilityMiddleware:
     def __init__(self, app: ASGIApp, *, log_access: bool) -> None:
         self.app = app
-        self.log_access = log_access
+        # As before with `logging`: the `gateway.access` logger's level still decides.
+        self.log_access = log_access and access_log.isEnabledFor(logging.INFO)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -101,9 +146,8 @@ class ObservabilityMiddleware:
         counter.inc()
         histogram.observe(seconds)
         if self.log_access:
-            access_log.info("%s %s %d", method, route, status, extra={
-                "method": method, "route": route, "status": status,
-                "duration_ms": round(seconds * 1000, 3), "request_id": request_id})
+            ACCESS_LOG.add({"method": method, "route": route, "status": status,
+                            "duration_ms": round(seconds * 1000, 3), "request_id": request_id})
 
 
 def install(app: FastAPI, settings: Settings,
@@ -118,6 +162,12 @@ def install(app: FastAPI, settings: Settings,
     app.build_middleware_stack = build_with_observability  # type: ignore[method-assign]
 
 
+def timestamp(seconds: float) -> str:
+    """UTC with milliseconds: 2026-11-23T00:45:12.345Z."""
+    return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+            + f".{int(seconds % 1 * 1000):03d}Z")
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message and the record's extras."""
 
@@ -126,8 +176,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": timestamp(record.created),
             "level": record.levelname, "logger": record.name, "message": record.getMessage()}
         for key, value in vars(record).items():
             if key not in self._STANDARD:
