@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -19,7 +20,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.api.errors import outcome_response, unexpected_response
-from gateway.api.http import FHIR_JSON_UTF8, base_url, check_accept, read_body
+from gateway.api.http import FHIR_JSON_UTF8, base_url, check_accept, header_dict, read_body
 from gateway.errors import FhirError
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.router import handle
@@ -28,6 +29,7 @@ from gateway.store.repository import Actor
 PREFIX = "/fhir"
 GZIP_MIN_BYTES = 1024
 GZIP_LEVEL = 5  # most of level 9's saving on JSON at a fraction of its time
+_FHIR_JSON_UTF8 = FHIR_JSON_UTF8.encode()
 
 
 def _is_instance_read(method: str, path: str) -> bool:
@@ -61,7 +63,10 @@ def route_template(path: str) -> RouteTemplate:
 class FhirEndpoint:
     """ASGI middleware: requests under /fhir are answered here, the rest pass through to
     `inner` (FastAPI's own stack). `app` is the FastAPI application whose state (database,
-    settings) the FHIR requests use."""
+    settings) the FHIR requests use.
+
+    It reads the ASGI scope and sends the response messages itself: Starlette's Request,
+    URL and Response objects cost ~15 µs a request, a tenth of a read."""
 
     def __init__(self, inner: ASGIApp, app: Any) -> None:
         self.inner = inner
@@ -74,55 +79,57 @@ class FhirEndpoint:
             return
         scope["app"] = self.app
         scope["route"] = route_template(path[len(PREFIX):].strip("/"))
-        request = Request(scope, receive)
-        response = compressed(await respond(request), request)
-        await response(scope, receive, send)
+        headers = header_dict(scope)
+        try:
+            result = await answer(self.app, scope, receive, headers)
+        except FhirError as exc:
+            await outcome_response(exc)(scope, receive, send)
+            return
+        except Exception:  # noqa: BLE001 - the client gets an id to quote, never the cause
+            await unexpected_response(Request(scope))(scope, receive, send)
+            return
+        body = result.body or b""
+        raw = [(name.lower().encode("latin-1"), value.encode("latin-1"))
+               for name, value in result.headers.items()]
+        if result.body is not None:
+            raw.append((b"content-type", _FHIR_JSON_UTF8))
+            if len(body) >= GZIP_MIN_BYTES and "gzip" in headers.get("accept-encoding", ""):
+                body = gzip.compress(body, compresslevel=GZIP_LEVEL)
+                raw += [(b"content-encoding", b"gzip"), (b"vary", b"Accept-Encoding")]
+        raw.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": result.status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
 
 
 async def respond(request: Request) -> Response:
     """Answer one FHIR request; every failure becomes an OperationOutcome."""
+    # The documented FastAPI routes' endpoint: FhirEndpoint's answer as a Response.
     try:
-        return await _respond(request)
+        result = await answer(request.app, request.scope, request.receive,
+                              header_dict(request.scope))
     except FhirError as exc:
         return outcome_response(exc)
     except Exception:  # noqa: BLE001 - the client gets an id to quote, never the cause
         return unexpected_response(request)
-
-
-async def _respond(request: Request) -> Response:
-    app = request.app
-    settings = app.state.settings
-    check_accept(request)
-    path = request.url.path[len(PREFIX):].strip("/")
-    method = "GET" if request.method == "HEAD" else request.method
-    body = await read_body(request, settings.max_body_bytes)
-    fhir_request = FhirRequest(
-        method=method, path=path, query=request.query_params.multi_items(),
-        headers={k.decode("latin-1"): v.decode("latin-1") for k, v in request.scope["headers"]},
-        body=body, content_type=request.headers.get("content-type"))
-    ctx = Context(db=app.state.db, settings=settings, base_url=base_url(request),
-                  actor=Actor(request_id=request.scope.get("state", {}).get("request_id")))
-    if app.state.db.is_sqlite and _is_instance_read(method, path):
-        result = handle(ctx, fhir_request)
-    else:
-        result = await run_in_threadpool(handle, ctx, fhir_request)
-    return to_response(result)
-
-
-def compressed(response: Response, request: Request) -> Response:
-    """gzip a large body for a client that accepts it (Bundles shrink ~10x)."""
-    body = response.body
-    if len(body) < GZIP_MIN_BYTES or "gzip" not in request.headers.get("accept-encoding", ""):
-        return response
-    response.body = gzip.compress(body, compresslevel=GZIP_LEVEL)
-    response.headers["Content-Encoding"] = "gzip"
-    response.headers["Content-Length"] = str(len(response.body))
-    response.headers["Vary"] = "Accept-Encoding"
-    return response
-
-
-def to_response(result: FhirResponse) -> Response:
-    """HEAD gets the GET response; the server sends its headers only."""
     if result.body is None:
         return Response(status_code=result.status, headers=result.headers)
     return Response(result.body, result.status, result.headers, media_type=FHIR_JSON_UTF8)
+
+
+async def answer(app: Any, scope: Scope, receive: Receive,
+                 headers: dict[str, str]) -> FhirResponse:
+    """Answer one FHIR request; failures raise (FhirError for the client's mistakes)."""
+    settings = app.state.settings
+    query = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+    check_accept(query, headers)
+    path = scope["path"][len(PREFIX):].strip("/")
+    method = "GET" if scope["method"] == "HEAD" else scope["method"]
+    body = await read_body(scope["method"], headers, receive, settings.max_body_bytes)
+    fhir_request = FhirRequest(method=method, path=path, query=query, headers=headers,
+                               body=body, content_type=headers.get("content-type"))
+    ctx = Context(db=app.state.db, settings=settings,
+                  base_url=base_url(settings, scope, headers),
+                  actor=Actor(request_id=scope.get("state", {}).get("request_id")))
+    if app.state.db.is_sqlite and _is_instance_read(method, path):
+        return handle(ctx, fhir_request)
+    return await run_in_threadpool(handle, ctx, fhir_request)

@@ -1,23 +1,36 @@
-"""HTTP details of FHIR REST: content negotiation, body limits, the absolute base URL."""
+"""HTTP details of FHIR REST: content negotiation, body limits, the absolute base URL.
+
+They work on the ASGI scope and a dict of the request's headers (lower-case names), so
+the FHIR endpoint needs no framework Request object per request.
+"""
 
 from __future__ import annotations
 
-from fastapi import Request
+from typing import Any
 
-from gateway.errors import NotAcceptableError, TooLargeError
+from starlette.types import Receive, Scope
+
+from gateway.errors import InvalidError, NotAcceptableError, TooLargeError
+from gateway.settings import Settings
 
 FHIR_JSON_UTF8 = "application/fhir+json; charset=utf-8"
 _JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir", "*/*",
                "application/*", "text/json")
 _FORMATS = {"json", "application/json", "application/fhir+json", "application/json+fhir"}
+_BODILESS = ("GET", "HEAD", "DELETE")
 
 
-def check_accept(request: Request) -> None:
+def header_dict(scope: Scope) -> dict[str, str]:
+    """The request's headers by lower-case name (ASGI servers lower-case them)."""
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def check_accept(query: list[tuple[str, str]], headers: dict[str, str]) -> None:
     """We answer JSON only: a client that accepts only XML (or asks _format=xml) gets 406."""
-    fmt = request.query_params.get("_format")
+    fmt = next((v for k, v in reversed(query) if k == "_format"), None)
     if fmt is not None and fmt not in _FORMATS:
         raise NotAcceptableError(f"_format={fmt} is not supported: this server speaks JSON")
-    accept = request.headers.get("accept")
+    accept = headers.get("accept")
     if not accept:
         return
     media = [m.split(";")[0].strip().lower() for m in accept.split(",")]
@@ -26,31 +39,41 @@ def check_accept(request: Request) -> None:
                                  "application/fhir+json")
 
 
-async def read_body(request: Request, limit: int) -> bytes | None:
+async def read_body(method: str, headers: dict[str, str], receive: Receive,
+                    limit: int) -> bytes | None:
     """The body, refusing more than `limit` bytes (declared or streamed) with 413."""
-    if request.method in ("GET", "HEAD", "DELETE") and not request.headers.get("content-length"):
+    declared = headers.get("content-length")
+    if method in _BODILESS and not declared:
         return None
-    declared = request.headers.get("content-length")
     if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise TooLargeError(f"Body of {declared} bytes exceeds the limit of {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidError("The client disconnected before sending the whole body")
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise TooLargeError(f"Body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
+        more = message.get("more_body", False)
     return b"".join(chunks) or None
 
 
-def base_url(request: Request) -> str:
+def base_url(settings: Settings, scope: Scope, headers: dict[str, str]) -> str:
     """ATM_BASE_URL, or the proxy's X-Forwarded-* view of it when configured to trust it."""
-    settings = request.app.state.settings
-    headers = request.headers
     if not settings.trust_forwarded_headers:
         if settings.base_url:
-            return str(settings.base_url)
-        return f"{request.url.scheme}://{headers.get('host', request.url.netloc)}/fhir"
-    proto = headers.get("x-forwarded-proto", request.url.scheme).split(",")[0].strip()
-    host = headers.get("x-forwarded-host", headers.get("host", request.url.netloc))
+            return settings.base_url
+        return f"{scope['scheme']}://{headers.get('host') or _server(scope)}/fhir"
+    scheme: str = scope["scheme"]
+    proto = headers.get("x-forwarded-proto", scheme).split(",")[0].strip()
+    host = headers.get("x-forwarded-host", headers.get("host") or _server(scope))
     prefix = headers.get("x-forwarded-prefix", "").rstrip("/")
     return f"{proto}://{host.split(',')[0].strip()}{prefix}/fhir"
+
+
+def _server(scope: Scope) -> str:
+    server: Any = scope.get("server")
+    return f"{server[0]}:{server[1]}" if server else "localhost"
