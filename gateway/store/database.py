@@ -268,6 +268,14 @@ class Database:
             yield conn
 
     @contextmanager
+    def single_statement(self) -> Iterator[Connection]:
+        """A connection outside any transaction, for one statement (atomic on its own):
+        on PostgreSQL this saves the BEGIN and COMMIT round trips of a primary-key read
+        (~370 µs down to ~250 µs here)."""
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            yield conn
+
+    @contextmanager
     def _begin(self, write: bool) -> Iterator[Connection]:
         with self.engine.connect() as conn:
             conn.info["write"] = write

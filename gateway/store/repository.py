@@ -45,7 +45,7 @@ def point_read(db: Database, resource_type: str, resource_id: str,
                version: int | None = None) -> Version | None:
     """A read or vread outside any transaction: the cheapest way to serve one resource."""
     if not db.is_sqlite:
-        with db.read() as conn:
+        with db.single_statement() as conn:
             repo = Repository(conn)
             return (repo.read(resource_type, resource_id) if version is None
                     else repo.vread(resource_type, resource_id, version))
