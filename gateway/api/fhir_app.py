@@ -3,8 +3,9 @@
 FHIR's URL grammar is dispatched by gateway.services.router, so FastAPI's per-route
 machinery (matching ~20 patterns, dependency solving) would only add latency to every
 FHIR request; the FastAPI app keeps /healthz, /metrics and the docs. The synchronous
-store runs in the thread pool, except single-resource reads on SQLite: a primary-key
-lookup there takes microseconds, less than the hop to a thread.
+store runs in the thread pool, except on SQLite single-resource reads (a primary-key
+lookup takes microseconds, less than the hop to a thread) and single-resource writes,
+which run on the event loop and share commits (Database.write_on_loop).
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ def _is_instance_read(method: str, path: str) -> bool:
     parts = path.split("/")
     return (len(parts) == 2 and not parts[1].startswith(("_", "$"))) or (
         len(parts) == 4 and parts[2] == "_history")
+
+
+def _is_single_write(method: str, path: str, query: list[tuple[str, str]],
+                     headers: dict[str, str]) -> bool:
+    """A create, update, patch or delete of one resource named by id: short enough to run
+    on the event loop (conditional ones search first, and Bundles can be long)."""
+    if method not in ("POST", "PUT", "PATCH", "DELETE") or query or "if-none-exist" in headers:
+        return False
+    parts = path.split("/")
+    if parts[0] in ("", "metadata") or any(p.startswith(("_", "$")) for p in parts):
+        return False
+    return len(parts) == (1 if method == "POST" else 2)
 
 
 @dataclass(frozen=True)
@@ -130,6 +143,9 @@ async def answer(app: Any, scope: Scope, receive: Receive,
     ctx = Context(db=app.state.db, settings=settings,
                   base_url=base_url(settings, scope, headers),
                   actor=Actor(request_id=scope.get("state", {}).get("request_id")))
-    if app.state.db.is_sqlite and _is_instance_read(method, path):
+    db = app.state.db
+    if db.is_sqlite and _is_instance_read(method, path):
         return handle(ctx, fhir_request)
+    if db.is_sqlite and _is_single_write(method, path, query, headers):
+        return await db.write_on_loop(handle, ctx, fhir_request)
     return await run_in_threadpool(handle, ctx, fhir_request)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,86 @@ def test_sqlite_wal_restarts_under_continuous_writes(db: Database,
     assert written > 200
     # Each Task writes ~20 pages of 4 KB; without restarts the WAL held them all.
     assert largest < written * 20 * 4096 / 4, (largest, written)
+
+
+def _sqlite_only(db: Database) -> None:
+    if not db.is_sqlite:
+        pytest.skip("writes on the event loop are SQLite's (PostgreSQL writers run in parallel)")
+
+
+def _create(threads: list[int] | None = None) -> Callable[[Database], str]:
+    def create(db: Database) -> str:
+        if threads is not None:
+            threads.append(threading.get_ident())
+        with db.write() as conn:
+            return Repository(conn).create(task()).id
+    return create
+
+
+def test_writes_on_the_event_loop_share_a_commit_and_fail_alone(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    _sqlite_only(db)
+    commits = []
+    writer = db._writer
+    assert writer is not None
+    real_commit = writer._commit_group
+
+    def counted_commit() -> None:
+        commits.append(writer._group)
+        real_commit()
+
+    monkeypatch.setattr(writer, "_commit_group", counted_commit)
+
+    def broken(db: Database) -> str:
+        with db.write() as conn:
+            Repository(conn).create(task())
+            raise RuntimeError("business rule broken halfway")
+
+    threads: list[int] = []
+
+    async def scenario() -> list[object]:
+        create = _create(threads)
+        return await asyncio.gather(
+            db.write_on_loop(create, db), db.write_on_loop(broken, db),
+            db.write_on_loop(create, db), return_exceptions=True)
+
+    first, failed, third = asyncio.run(scenario())
+    assert isinstance(failed, RuntimeError)
+    assert threads == [threading.get_ident()] * 2  # on the event loop's thread
+    assert len(commits) == 1  # three writers, one COMMIT
+    with db.read() as conn:  # durable once answered, visible to other connections
+        repo = Repository(conn)
+        assert repo.read("Task", str(first)) is not None
+        assert repo.read("Task", str(third)) is not None
+    assert _count(db) == 2
+    assert _count(db, change_log) == 2
+
+
+def test_a_write_on_the_loop_waits_its_turn_behind_a_threaded_writer(db: Database) -> None:
+    """While a thread holds the connection the loop does not block on it: the write goes
+    to the thread pool and queues like any other."""
+    _sqlite_only(db)
+    holding, release = threading.Event(), threading.Event()
+
+    def slow_writer() -> None:
+        with db.write() as conn:
+            Repository(conn).create(task())
+            holding.set()
+            release.wait(timeout=10)
+
+    thread = threading.Thread(target=slow_writer)
+    thread.start()
+    assert holding.wait(timeout=10)
+
+    async def scenario() -> str:
+        pending = asyncio.ensure_future(db.write_on_loop(_create(), db))
+        await asyncio.sleep(0.05)
+        assert not pending.done()  # queued behind the thread, the loop still turning
+        release.set()
+        return await pending
+
+    created = asyncio.run(scenario())
+    thread.join(timeout=10)
+    with db.read() as conn:
+        assert Repository(conn).read("Task", created) is not None
+    assert _count(db) == 2
