@@ -174,6 +174,16 @@ def warm_up(resource_types: tuple[str, ...] = ("Task", "Patient", "CarePlan", "B
 
 
 @cache
+def element_names(resource_type: str) -> frozenset[str]:
+    """The JSON names of a resource type's elements, choice elements (value[x]) apart:
+    those appear only as their typed names (valueQuantity…)."""
+    model = _model(resource_type)
+    if model is None:
+        return frozenset()
+    return frozenset(info.alias or name for name, info in model.model_fields.items())
+
+
+@cache
 def element_sets(resource_type: str) -> tuple[frozenset[str], frozenset[str]]:
     """(summary elements, mandatory elements) of a type, as JSON property names."""
     summary, mandatory = set(), set()

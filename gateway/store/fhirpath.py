@@ -137,6 +137,21 @@ def _fallback(expression: str) -> Extractor:
     return extract
 
 
+def roots(expression: str) -> frozenset[str] | None:
+    """The top-level elements an expression starts from (`Task.for.reference` → {'for'}),
+    or None when it is one we do not compile (it could start anywhere)."""
+    found = set()
+    for part in split_union(expression):
+        m = (_AS_PAREN.match(part) or _AS_CALL.match(part) or _WHERE_RESOLVE.match(part)
+             or _WHERE_EQ.match(part))
+        path = m["path"] if m else part if _PLAIN.match(part) else None
+        steps = _steps(path) if path else []
+        if not steps:
+            return None
+        found.add(steps[0])
+    return frozenset(found)
+
+
 def compile_expression(expression: str) -> Extractor:
     """An extractor for a whole (possibly union) expression."""
     parts = split_union(expression)

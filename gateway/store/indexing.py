@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
+from gateway.fhir import element_names
 from gateway.store.fhirpath import Value
-from gateway.store.search_params import indexed_params
+from gateway.store.search_params import SearchParam, indexed_params
 from gateway.store.timeparse import date_range
 
 MAX_TOKEN = 255
@@ -152,10 +153,24 @@ _BUILDERS = {
 }
 
 
+def _absent(param: SearchParam, resource: dict[str, Any], resource_type: str) -> bool:
+    """True when none of the elements the parameter starts from is in the resource: most
+    of a type's ~25 parameters, skipped by a set lookup instead of walked (a choice
+    element such as value[x] is never skipped: its JSON name varies)."""
+    starts = param.roots
+    if starts is None:
+        return False
+    names = element_names(resource_type)
+    return all(root in names and root not in resource for root in starts)
+
+
 def index_rows(resource: dict[str, Any]) -> dict[str, list[Row]]:
     """Rows per index table ('token', 'date'…) for a resource, without the key columns."""
     out: dict[str, list[Row]] = {t: [] for t in _BUILDERS}
-    for param in indexed_params(resource["resourceType"]):
+    resource_type = resource["resourceType"]
+    for param in indexed_params(resource_type):
+        if _absent(param, resource, resource_type):
+            continue
         values = param.extract(resource)
         if not values:
             continue

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from gateway.fhir import definitions
-from gateway.store.fhirpath import Extractor, compile_expression
+from gateway.store.fhirpath import Extractor, compile_expression, roots
 
 # Resource-level parameters answered from the resources table itself, not the index.
 TABLE_PARAMS = frozenset({"_id", "_lastUpdated"})
@@ -19,11 +19,13 @@ class SearchParam:
     expression: str
     targets: tuple[str, ...]
     extract: Extractor
+    roots: frozenset[str] | None = None
+    """The top-level elements the expression starts from (None: could be any)."""
 
 
 def _param(code: str, row: dict) -> SearchParam:
     return SearchParam(code, row["type"], row["expression"], tuple(row.get("target", ())),
-                       compile_expression(row["expression"]))
+                       compile_expression(row["expression"]), roots(row["expression"]))
 
 
 @cache

@@ -5,6 +5,10 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import pytest
+
+from gateway.store import indexing
+from gateway.store.fhirpath import roots
 from gateway.store.indexing import MAX_TOKEN, index_rows, normalize
 from gateway.store.timeparse import date_range
 
@@ -140,3 +144,39 @@ def test_id_and_last_updated_are_not_indexed() -> None:
             "meta": {"lastUpdated": "2024-01-01T00:00:00Z"}}
     params = {row["param"] for table in index_rows(task).values() for row in table}
     assert "_id" not in params and "_lastUpdated" not in params
+
+
+SKIPPING_EXAMPLES = [
+    {"resourceType": "Task", "status": "ready", "intent": "order",
+     "for": {"reference": "Patient/p1"}, "owner": {"reference": "Organization/o1"},
+     "meta": {"tag": [{"system": "urn:t", "code": "x"}]}, "authoredOn": "2025-01-15"},
+    {"resourceType": "Observation", "status": "final", "code": {"text": "weight"},
+     "valueQuantity": {"value": 72.5, "unit": "kg", "system": "http://unitsofmeasure.org",
+                       "code": "kg"}, "effectiveDateTime": "2025-03-01T10:00:00Z",
+     "subject": {"reference": "Patient/p1"}},
+    {"resourceType": "Patient", "name": [{"family": "Ng", "given": ["Ana"]}],
+     "birthDate": "1980-02-03", "deceasedBoolean": False, "gender": "female"},
+    {"resourceType": "CarePlan", "status": "active", "intent": "plan",
+     "subject": {"reference": "Patient/p1"}, "period": {"start": "2025-01-01"},
+     "activity": [{"reference": {"reference": "Task/t1"}}]},
+]
+
+
+@pytest.mark.parametrize("resource", SKIPPING_EXAMPLES,
+                         ids=[r["resourceType"] for r in SKIPPING_EXAMPLES])
+def test_skipping_absent_elements_changes_no_index_row(
+        resource: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parameters whose elements are absent are skipped; choice elements (value[x],
+    effective[x], deceased[x]) never are."""
+    skipped = index_rows(resource)
+    monkeypatch.setattr(indexing, "_absent", lambda *args: False)
+    assert skipped == index_rows(resource)
+    assert any(skipped[kind] for kind in skipped)
+
+
+def test_roots_of_expressions() -> None:
+    assert roots("Task.for.reference") == {"for"}
+    assert roots("Observation.value as Quantity") is None  # not compiled: could be anywhere
+    assert roots("(Observation.value as Quantity) | Observation.component.value") == {
+        "value", "component"}
+    assert roots("Task.for.where(resolve() is Patient)") == {"for"}
