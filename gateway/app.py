@@ -48,7 +48,10 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
 
     app = FastAPI(title="ATM Gateway", version=__version__, lifespan=lifespan,
                   description="FHIR R4 server for advanced therapy management.",
-                  docs_url="/docs", redoc_url=None)
+                  docs_url="/docs", redoc_url=None,
+                  # The gateway's own Prometheus metrics and JSON logs cover every request;
+                  # FastAPI's OpenTelemetry hooks would only look for providers each time.
+                  telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.settings = settings
     errors.install(app)
     fhir_routes.register(app)

@@ -25,7 +25,10 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on"),
         raise typer.BadParameter("several workers need PostgreSQL (ATM_DATABASE_URL)")
     uvicorn.run("gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
                 loop="uvloop", http="httptools", access_log=False, log_level="warning",
-                log_config=log_config(settings))
+                log_config=log_config(settings),
+                # X-Forwarded-* are honoured by the gateway only when configured to
+                # (ATM_TRUST_FORWARDED_HEADERS), not by uvicorn for any local proxy.
+                proxy_headers=False)
 
 
 @db_app.command("upgrade")
