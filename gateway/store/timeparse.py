@@ -7,7 +7,9 @@ A value covers its whole precision (https://hl7.org/fhir/R4/search.html#date):
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 _PATTERN = re.compile(
     r"^(?P<y>\d{4})(-(?P<m>\d{2})(-(?P<d>\d{2})"
@@ -66,14 +68,25 @@ def date_range(text: str) -> tuple[int, int] | None:
 
 def format_instant(micros: int) -> str:
     """An FHIR instant with millisecond precision in UTC, e.g. 2024-03-01T10:00:00.123Z."""
-    moment = EPOCH + timedelta(microseconds=micros)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    seconds, rest = divmod(micros, 1_000_000)
+    return f"{_instant_second(seconds)}.{rest // 1000:03d}Z"
 
 
 def format_http_date(micros: int) -> str:
     """RFC 9110 IMF-fixdate for Last-Modified."""
-    moment = EPOCH + timedelta(microseconds=micros)
-    return moment.strftime("%a, %d %b %Y %H:%M:%S GMT")
+    return _http_second(micros // 1_000_000)
+
+
+# Every write and every read formats the current second or one close to it: strftime
+# once per second rather than once or twice per request.
+@lru_cache(maxsize=256)
+def _instant_second(seconds: int) -> str:
+    return (EPOCH + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+@lru_cache(maxsize=256)
+def _http_second(seconds: int) -> str:
+    return (EPOCH + timedelta(seconds=seconds)).strftime("%a, %d %b %Y %H:%M:%S GMT")
 
 
 def parse_http_date(text: str) -> int | None:
@@ -86,4 +99,4 @@ def parse_http_date(text: str) -> int | None:
 
 def now_micros() -> int:
     """Now, truncated to the millisecond precision that meta.lastUpdated shows."""
-    return _micros(datetime.now(UTC)) // 1000 * 1000
+    return time.time_ns() // 1_000_000 * 1000

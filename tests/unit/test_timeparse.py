@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -71,3 +71,19 @@ def test_now_is_truncated_to_the_millisecond() -> None:
     now = now_micros()
     assert now % 1000 == 0
     assert abs(now - int(datetime.now(UTC).timestamp() * 1_000_000)) < 60_000_000
+
+
+@pytest.mark.parametrize("micros", [0, 999, 1_000, 1_700_000_000_123_456, -1, -1_000_001,
+                                    253_402_300_799_999_999, 951_782_400_000_000])
+def test_instants_and_http_dates_match_a_direct_strftime(micros: int) -> None:
+    """The per-second caches change nothing: the same text as formatting the moment."""
+    moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
+    assert format_instant(micros) == (moment.strftime("%Y-%m-%dT%H:%M:%S.")
+                                      + f"{moment.microsecond // 1000:03d}Z")
+    assert format_http_date(micros) == moment.strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+def test_now_is_whole_milliseconds_close_to_the_clock() -> None:
+    now = now_micros()
+    assert now % 1000 == 0
+    assert abs(now - datetime.now(UTC).timestamp() * 1_000_000) < 5_000_000
