@@ -31,6 +31,7 @@ PREFIX = "/fhir"
 GZIP_MIN_BYTES = 1024
 GZIP_LEVEL = 5  # most of level 9's saving on JSON at a fraction of its time
 _FHIR_JSON_UTF8 = FHIR_JSON_UTF8.encode()
+_NO_LENGTH = frozenset({204, 304})  # answers that must not (204) or need not describe a body
 
 
 def _is_instance_read(method: str, path: str) -> bool:
@@ -109,7 +110,8 @@ class FhirEndpoint:
             if len(body) >= GZIP_MIN_BYTES and "gzip" in headers.get("accept-encoding", ""):
                 body = gzip.compress(body, compresslevel=GZIP_LEVEL)
                 raw += [(b"content-encoding", b"gzip"), (b"vary", b"Accept-Encoding")]
-        raw.append((b"content-length", str(len(body)).encode()))
+        if result.status not in _NO_LENGTH:
+            raw.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": result.status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
 

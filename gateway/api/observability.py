@@ -84,6 +84,7 @@ class AccessLog:
 
     def __init__(self) -> None:
         self._lines: list[bytes] = []
+        self._timer_loop: asyncio.AbstractEventLoop | None = None  # where a flush is due
 
     def add(self, fields: dict[str, Any]) -> None:
         message = f"{fields['method']} {fields['route']} {fields['status']}"
@@ -92,11 +93,19 @@ class AccessLog:
             "message": message, **fields}))
         if len(self._lines) >= self.BATCH_LINES:
             self.flush()
-        elif len(self._lines) == 1:
-            try:
-                asyncio.get_running_loop().call_later(self.FLUSH_SECONDS, self.flush)
-            except RuntimeError:  # no event loop (a synchronous caller): write at once
-                self.flush()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a synchronous caller): write at once
+            self.flush()
+            return
+        if self._timer_loop is not loop:  # none due here (or its loop has gone)
+            self._timer_loop = loop
+            loop.call_later(self.FLUSH_SECONDS, self._timed_flush)
+
+    def _timed_flush(self) -> None:
+        self._timer_loop = None
+        self.flush()
 
     def flush(self) -> None:
         if not self._lines:

@@ -276,6 +276,7 @@ def test_read_with_matching_if_none_match_returns_304_without_body(
     assert response.status_code == 304
     assert response.content == b""
     assert response.headers["etag"] == 'W/"1"'
+    assert "content-length" not in response.headers  # it would describe the 200's body
 
 
 def test_read_with_stale_if_none_match_returns_200(client: TestClient) -> None:

@@ -51,3 +51,22 @@ def test_without_an_event_loop_a_line_is_written_at_once(
     assert len(capsys.readouterr().err.splitlines()) == 1
     log.flush()  # nothing left to write
     assert capsys.readouterr().err == ""
+
+
+def test_lines_on_a_new_loop_are_written_when_the_old_loop_went_away(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    log = AccessLog()
+
+    async def request(n: int) -> None:
+        log.add({**FIELDS, "request_id": f"r{n}"})
+
+    asyncio.run(request(1))  # its loop closes before the flush it scheduled
+    capsys.readouterr()
+
+    async def later() -> str:
+        await request(2)
+        await asyncio.sleep(AccessLog.FLUSH_SECONDS * 2)
+        return capsys.readouterr().err
+
+    ids = [json.loads(x)["request_id"] for x in asyncio.run(later()).splitlines()]
+    assert ids == ["r1", "r2"]
