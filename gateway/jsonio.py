@@ -108,7 +108,11 @@ def loads(body: bytes) -> Any:
                            f"{exc.msg}") from exc
     except (RecursionError, InvalidOperation, ValueError) as exc:
         raise InvalidError("Malformed JSON: nesting or number out of bounds") from exc
-    _check_tree(value)
+    # The decoder refuses raw control characters and valid UTF-8 holds no lone surrogate,
+    # so only \u escapes can bring either; and a text with few brackets cannot nest
+    # deeply. Most bodies need no walk (~6 µs of a Task's ~7 µs parse).
+    if "\\u" in text or text.count("{") + text.count("[") > MAX_DEPTH:
+        _check_tree(value)
     return value
 
 
