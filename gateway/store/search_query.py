@@ -167,7 +167,9 @@ def parse_date(raw: str) -> RangeValue:
 
 
 def _decimal_bounds(text: str) -> tuple[float, float, float]:
-    """The value and the range its precision implies: 100 is [99.5, 100.5]."""
+    """The value and the range its precision implies: 100 is [99.5, 100.5], 100.0 is
+    [99.95, 100.05], and in exponent form 1e2 is [95, 105] (the specification's own
+    example: https://hl7.org/fhir/R4/search.html#number)."""
     try:
         number = Decimal(text)
     except InvalidOperation as exc:
@@ -176,6 +178,8 @@ def _decimal_bounds(text: str) -> tuple[float, float, float]:
     if not number.is_finite() or not -300 <= number.adjusted() <= 300:
         raise InvalidError(f"Malformed number '{text}'")
     exponent = int(number.as_tuple().exponent)
+    if "e" in text.lower():  # the last written digit's place, one further
+        exponent = number.adjusted() - len(number.as_tuple().digits)
     half = Decimal(5).scaleb(max(exponent, -330) - 1)
     return float(number), float(number - half), float(number + half)
 

@@ -261,6 +261,8 @@ QUANTITY_CASES = {
     "value-quantity=sa100.5": {"o2"},
     "value-quantity=eb6": {"o3", "o4"},
     "value-quantity=gt1e2": {"o1", "o2"},
+    "value-quantity=1e2": {"o1", "o2"},  # [95, 105]
+    "value-quantity=1.0e2": {"o1"},  # [99.5, 100.5]: one digit further than written
     "value-quantity:missing=true": {"o5"},
     "value-quantity:missing=false": {"o1", "o2", "o3", "o4"},
 }

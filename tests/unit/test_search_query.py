@@ -47,6 +47,9 @@ def test_parse_token_with_two_pipes_is_malformed() -> None:
 @pytest.mark.parametrize(("raw", "value"), [
     ("100", RangeValue("eq", 99.5, 100.5)),
     ("100.0", RangeValue("eq", 99.95, 100.05)),
+    ("1e2", RangeValue("eq", 95, 105)),
+    ("1.5E2", RangeValue("eq", 149.5, 150.5)),
+    ("2.50e-1", RangeValue("eq", 0.24995, 0.25005)),
     ("ne5", RangeValue("ne", 4.5, 5.5)),
     ("gt5.25", RangeValue("gt", 5.25, 5.25)),
     ("le-3", RangeValue("le", -3, -3)),
