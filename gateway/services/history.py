@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlencode
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, or_, select, tuple_
 
 from gateway import jsonio
 from gateway.errors import InvalidError, NotFoundError
@@ -45,8 +45,9 @@ def history(ctx: Context, request: FhirRequest, resource_type: str | None = None
         if resource_id and repo.read(resource_type or "", resource_id) is None:
             raise NotFoundError(f"{resource_type}/{resource_id} is not known")
         rows = list(repo.conn.execute(stmt))
-    more = len(rows) > count
-    rows = rows[:count]
+        more = len(rows) > count
+        rows = rows[:count]
+        recreated = _recreations(repo.conn, rows)
     base = ctx.url(*(p for p in (resource_type, resource_id) if p), "_history")
     keep = [(k, v) for k, v in request.query if k != "_cursor"]
     links = [{"relation": "self", "url": _url(base, request.query)}]
@@ -56,7 +57,7 @@ def history(ctx: Context, request: FhirRequest, resource_type: str | None = None
                                            last.version])
         links.append({"relation": "next", "url": _url(base, [*keep, ("_cursor", cursor)])})
     bundle = {"resourceType": "Bundle", "type": "history", "link": links,
-              "entry": [_entry(ctx, row) for row in rows]}
+              "entry": [_entry(ctx, row, row in recreated) for row in rows]}
     return FhirResponse(200, jsonio.dumps(bundle))
 
 
@@ -102,13 +103,27 @@ def _url(base: str, pairs: list[tuple[str, str]]) -> str:
     return f"{base}?{urlencode(pairs)}" if pairs else base
 
 
-def _entry(ctx: Context, row: Any) -> dict[str, Any]:
+def _recreations(conn: Any, rows: list[Any]) -> set[Any]:
+    """The PUT versions that followed a delete: the client was answered 201 Created."""
+    puts = [r for r in rows if r.method == "PUT" and r.version > 1 and not r.deleted]
+    if not puts:
+        return set()
+    after_delete = set(conn.execute(
+        select(H.c.res_type, H.c.res_id, H.c.version).where(
+            H.c.deleted.is_(True),
+            tuple_(H.c.res_type, H.c.res_id, H.c.version).in_(
+                [(r.res_type, r.res_id, r.version - 1) for r in puts]))))
+    return {r for r in puts if (r.res_type, r.res_id, r.version - 1) in after_delete}
+
+
+def _entry(ctx: Context, row: Any, recreated: bool = False) -> dict[str, Any]:
     url = f"{row.res_type}/{row.res_id}"
     entry: dict[str, Any] = {"fullUrl": ctx.url(row.res_type, row.res_id)}
     if not row.deleted:
         entry["resource"] = jsonio.loads_trusted(row.content)
     entry["request"] = {"method": row.method, "url": url if row.method != "POST" else row.res_type}
-    status = "201 Created" if row.version == 1 else STATUS.get(row.method, "200 OK")
+    created = row.version == 1 or recreated
+    status = "201 Created" if created else STATUS.get(row.method, "200 OK")
     entry["response"] = {"status": status, "etag": f'W/"{row.version}"',
                          "lastModified": format_instant(row.last_updated)}
     return entry

@@ -122,6 +122,22 @@ def test_instance_history_of_deleted_resource_is_still_served(client: TestClient
     assert [e["request"]["method"] for e in bundle["entry"]] == ["DELETE", "POST"]
 
 
+def test_history_says_201_for_a_put_that_recreated_a_deleted_resource(
+        client: TestClient) -> None:
+    created = create(client, task())
+    path = f"/fhir/Task/{created['id']}"
+    client.delete(path)
+    body = {k: v for k, v in created.items() if k != "meta"}
+    assert client.put(path, json=body, headers=FHIR).status_code == 201
+    assert client.put(path, json=body | {"status": "ready"}, headers=FHIR).status_code == 200
+
+    for url in (f"{path}/_history", "/fhir/Task/_history", "/fhir/_history"):
+        entries = history(client, url)["entry"]
+        assert [(e["request"]["method"], e["response"]["status"]) for e in entries] == [
+            ("PUT", "200 OK"), ("PUT", "201 Created"), ("DELETE", "200 OK"),
+            ("POST", "201 Created")], url
+
+
 def test_instance_history_of_unknown_resource_returns_404(client: TestClient) -> None:
     assert_outcome(client.get("/fhir/Task/unknown/_history"), 404, "not-found",
                    "Task/unknown is not known")
