@@ -2,7 +2,8 @@
 
 https://hl7.org/fhir/R4/http.html#trules: `urn:uuid:` (and other fullUrl) references
 become the Type/id of the entry they name; conditional references ("Patient?identifier=…")
-become their single match.
+become their single match. The same fullUrls are replaced where they appear whole in
+other elements (uri, canonical, url) and in the narrative's `href` and `src` attributes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from gateway.services.resources import check_type
 from gateway.store.repository import Repository
 
 CONDITIONAL_REFERENCE = re.compile(r"^[A-Z][A-Za-z]+\?")
+_NARRATIVE_LINK = re.compile(r'\b(href|src)="([^"]*)"')
 
 
 class References:
@@ -44,6 +46,16 @@ class References:
             return _rewritten(node, self)
         except _AtPath as exc:
             raise exc.located(root) from None
+
+    def link(self, value: str) -> str:
+        """A uri-like value or narrative link: the entry's Type/id when the value is one
+        of the Bundle's full URLs (never a relative form: free text could equal one)."""
+        if value.startswith(("urn:uuid:", "urn:oid:")) or "://" in value:
+            return self.by_full_url.get(value, value)
+        return value
+
+    def narrative(self, div: str) -> str:
+        return _NARRATIVE_LINK.sub(lambda m: f'{m[1]}="{self.link(m[2])}"', div)
 
     def target(self, ref: str) -> str | None:
         if ref in self.by_full_url:
@@ -90,7 +102,8 @@ def _rewritten(node: Any, refs: References) -> Any:
         out = {}
         for key, value in node.items():
             try:
-                out[key] = _rewritten(value, refs) if isinstance(value, dict | list) else value
+                out[key] = _rewritten(value, refs) if isinstance(value, dict | list) else (
+                    _plain(key, value, refs))
             except _AtPath as exc:
                 exc.segments.append(f".{key}")
                 raise
@@ -108,7 +121,7 @@ def _rewritten(node: Any, refs: References) -> Any:
         for n, value in enumerate(node):
             try:
                 items.append(_rewritten(value, refs) if isinstance(value, dict | list)
-                             else value)
+                             else _plain("", value, refs))
             except _AtPath as exc:
                 exc.segments.append(f"[{n}]")
                 raise
@@ -116,3 +129,14 @@ def _rewritten(node: Any, refs: References) -> Any:
     return node
 
 
+# Strings that are never links: `reference` is handled by its parent (it may fail with a
+# path), and `value` is an Identifier's or ContactPoint's (an Identifier often records
+# the very urn:uuid that is the entry's fullUrl, and must keep it).
+_NOT_LINKS = frozenset({"reference", "value", "id"})
+
+
+def _plain(key: str, value: Any, refs: References) -> Any:
+    """A primitive value, with a whole fullUrl replaced (the narrative's links too)."""
+    if not isinstance(value, str) or key in _NOT_LINKS:
+        return value
+    return refs.narrative(value) if key == "div" else refs.link(value)

@@ -53,6 +53,34 @@ def test_urn_uuid_references_point_to_the_created_resources(client: TestClient) 
     assert ids_of(client, f"Task?subject=Patient/{ids[1]}") == [ids[0]]
 
 
+def test_full_urls_in_uri_elements_and_narrative_links_are_rewritten_too(
+        client: TestClient) -> None:
+    """http.html#trules: links in elements of type uri/canonical and the narrative's
+    href/src are replaced as references are; other text is left alone."""
+    narrative = {"status": "generated", "div": (
+        f'<div xmlns="http://www.w3.org/1999/xhtml"><a href="{PATIENT_URN}">donor</a> '
+        f'{PATIENT_URN} <a href="https://example.org/x">elsewhere</a></div>')}
+    entries = _ok(client, transaction(
+        entry("POST", "Patient", patient(identifier=[
+            {"system": "urn:ietf:rfc:3986", "value": PATIENT_URN}]), PATIENT_URN),
+        entry("POST", "Task", task(text=narrative, instantiatesUri=PATIENT_URN,
+                                   description=f"see {PATIENT_URN}",
+                                   input=[{"type": {"text": "x"}, "valueUri": PATIENT_URN},
+                                          {"type": {"text": "y"}, "valueString": "Patient"}])),
+    ))
+    patient_id = location_id(entries[0]["response"]["location"])
+    stored = read(client, f"Task/{location_id(entries[1]['response']['location'])}").json()
+    assert stored["instantiatesUri"] == f"Patient/{patient_id}"
+    assert stored["input"][0]["valueUri"] == f"Patient/{patient_id}"
+    assert stored["input"][1]["valueString"] == "Patient"
+    assert stored["description"] == f"see {PATIENT_URN}"  # not a whole link: text, kept
+    assert f'href="Patient/{patient_id}"' in stored["text"]["div"]
+    assert f"> {PATIENT_URN} <" in stored["text"]["div"]  # text, not an attribute
+    assert 'href="https://example.org/x"' in stored["text"]["div"]
+    # An identifier recording the entry's own urn keeps it.
+    assert read(client, f"Patient/{patient_id}").json()["identifier"][0]["value"] == PATIENT_URN
+
+
 def test_urn_uuid_naming_no_entry_fails_400_at_its_reference(
         client: TestClient, db: Database) -> None:
     before = row_counts(db)
