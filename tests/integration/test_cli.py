@@ -129,3 +129,36 @@ def test_serve_answers_healthz_fhir_and_logs_json(served: tuple[str, Path]) -> N
     assert access[0]["status"] == 200
     assert access[0]["method"] == "GET"
     assert access[0]["duration_ms"] >= 0
+
+
+def _requests_counted(text: str, route: str) -> float:
+    """The sum of atm_http_requests_total over every label set of one route."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("atm_http_requests_total{") and f'route="{route}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_of_several_workers_add_up(tmp_path: Path, pg_schema_url: str) -> None:
+    """With --workers 2 each scrape reaches one worker; it must report both workers'
+    requests, not its own."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = clean_env(tmp_path, ATM_DATABASE_URL=pg_schema_url)
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [*atm_command(), "serve", "--port", str(port), "--workers", "2"],
+            cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(address, process)
+        sent = 40
+        for _ in range(sent):  # a new connection each: the kernel spreads them over workers
+            assert httpx.get(f"{address}/fhir/metadata", timeout=10).status_code == 200
+        counts = [_requests_counted(httpx.get(f"{address}/metrics", timeout=10).text,
+                                    "/fhir/metadata") for _ in range(6)]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert counts == [sent] * 6, log.read_text()[-2000:]
