@@ -57,8 +57,7 @@ def point_read(db: Database, resource_type: str, resource_id: str,
         row = db.fetch_one(_POINT_VREAD, (resource_type, resource_id, version))
     if row is None:
         return None
-    return Version(row[0], row[1], row[2], row[3], bool(row[4]), row[5],
-                   row[6] if version is not None else "PUT")
+    return _version_of(row, row[6] if version is not None else "PUT")
 
 
 @cache
@@ -136,6 +135,11 @@ def stamp(resource: dict[str, Any], resource_id: str, version: int, at: int) -> 
     return jsonio.dumps(body)
 
 
+def _version_of(row: tuple[Any, ...], method: str = "PUT") -> Version:
+    """A Version from a driver row in CURRENT_COLUMNS order (SQLite's deleted is 0/1)."""
+    return Version(row[0], row[1], row[2], row[3], bool(row[4]), row[5], method)
+
+
 def _version_from(row: Any, method: str = "PUT") -> Version:
     return Version(row.res_type, row.res_id, row.version, row.last_updated, row.deleted,
                    row.content, getattr(row, "method", method))
@@ -153,9 +157,7 @@ class Repository:
     # -- reads ---------------------------------------------------------------------
     def read(self, resource_type: str, resource_id: str) -> Version | None:
         row = self._driver.execute(self._sql.read, (resource_type, resource_id)).fetchone()
-        if row is None:
-            return None
-        return Version(row[0], row[1], row[2], row[3], bool(row[4]), row[5])
+        return _version_of(row) if row is not None else None
 
     def read_many(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Version]:
         """Current versions of many resources (deleted ones left out), in one query each type."""
