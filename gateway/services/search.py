@@ -48,6 +48,13 @@ def match_ids(ctx: Context, repo: Repository, resource_type: str,
     return list(repo.conn.execute(search_sql.ids_statement(query, driver, limit)).scalars())
 
 
+def _total(repo: Repository, query: sq.SearchQuery) -> int:
+    """How many resources match: read from the smallest criterion's index when it is
+    small enough, since every match is visited (16k of 100k Tasks: ~120 ms walked)."""
+    driver = search_sql.choose_driver(repo.conn, query, counting=True)
+    return int(repo.conn.execute(search_sql.count_statement(query, driver)).scalar_one())
+
+
 def search(ctx: Context, request: FhirRequest, resource_type: str | None,
            pairs: list[tuple[str, str]] | None = None) -> FhirResponse:
     query = parse_query(ctx, request, resource_type, pairs)
@@ -59,14 +66,13 @@ def search(ctx: Context, request: FhirRequest, resource_type: str | None,
 def run(ctx: Context, repo: Repository, query: sq.SearchQuery) -> dict[str, Any]:
     """Execute a parsed search and build its searchset Bundle."""
     bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
-    driver = search_sql.choose_driver(repo.conn, query)
     if query.summary == "count" or query.count == 0:
-        bundle["total"] = repo.conn.execute(
-            search_sql.count_statement(query, driver)).scalar_one()
+        bundle["total"] = _total(repo, query)
         bundle["link"] = [_link(ctx, query, "self", None)]
         if query.ignored:
             bundle["entry"] = [_outcome_entry(query.ignored)]
         return bundle
+    driver = search_sql.choose_driver(repo.conn, query)
     stmt, keys, backwards = search_sql.page_statement(query, driver)
     rows = list(repo.conn.execute(stmt))
     more = len(rows) > query.count
@@ -77,8 +83,8 @@ def run(ctx: Context, repo: Repository, query: sq.SearchQuery) -> dict[str, Any]
     has_next = more if not backwards else True
     has_previous = (query.cursor is not None) if not backwards else more
     if query.total == "accurate" or (query.cursor is None and not more and query.total != "none"):
-        bundle["total"] = (len(rows) if query.cursor is None and not more else repo.conn.execute(
-            search_sql.count_statement(query, driver)).scalar_one())
+        bundle["total"] = (len(rows) if query.cursor is None and not more
+                           else _total(repo, query))
     bundle["link"] = _links(ctx, query, rows, width, has_next and bool(rows), has_previous
                             and bool(rows))
     matches = [_row_version(r) for r in rows]

@@ -202,17 +202,19 @@ def _has_ids(c: Criterion, resource_type: str, base: str | None) -> Select[Any] 
 
 
 SORTED_DRIVER_LIMIT = 50_000
-"""The same bound when sorting by a search parameter: no index gives that order, every
-match is read anyway, so reading them from the smallest criterion is the cheaper way."""
+"""The same bound when every match is read anyway (sorting by a search parameter, which
+no index orders, or counting the matches): reading them from the smallest criterion is
+cheaper than walking every resource."""
 
 
-def choose_driver(conn: Connection, query: SearchQuery) -> int | None:
+def choose_driver(conn: Connection, query: SearchQuery, counting: bool = False) -> int | None:
     """The index of the criterion with the fewest matches, when it has few enough to
-    drive the search; counting stops at the limit, so each probe stays cheap."""
+    drive the search; counting stops at the limit, so each probe stays cheap.
+    `counting`: the driver of a count of every match, not of one page."""
     if query.resource_type is None:
         return None
     by_param = bool(query.sort) and query.sort[0][0] not in ("_id", "_lastUpdated")
-    limit = SORTED_DRIVER_LIMIT if by_param else DRIVER_LIMIT
+    limit = SORTED_DRIVER_LIMIT if by_param or counting else DRIVER_LIMIT
     best: tuple[int, int] | None = None
     for i, c in enumerate(query.criteria):
         # Counted without the base-URL test of references: an estimate is enough here,

@@ -90,3 +90,22 @@ def test_chain_and_has_searches_read_through_indexes(conn: Connection, pair: tup
                                                      driven: bool) -> None:
     lines = plan(conn, [pair], driven)
     assert full_scans(lines) == [], lines
+
+
+def test_a_count_is_read_from_the_criterion_index_where_a_page_walks(
+        conn: Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`status=ready` matches too many resources to drive a page (which fills quickly in
+    sort order) but few enough to count from its index rather than from every resource."""
+    monkeypatch.setattr(search_sql, "DRIVER_LIMIT", 10)  # 20 of the 60 Tasks are ready
+    query = search_query.parse("Task", [("status", "ready"), ("_summary", "count")],
+                               lenient=False, default_count=20, max_count=100)
+    assert search_sql.choose_driver(conn, query) is None
+    driver = search_sql.choose_driver(conn, query, counting=True)
+    assert driver == 0
+    stmt = search_sql.count_statement(query, driver)
+    assert conn.execute(stmt).scalar_one() == 20
+    if conn.dialect.name == "sqlite":
+        sql = str(stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+        lines = [row[3] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+        assert full_scans(lines) == [], lines
+        assert any("d_sp_token" in line and "ix_sp_token_0" in line for line in lines), lines
