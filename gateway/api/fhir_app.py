@@ -30,6 +30,7 @@ from gateway.store.repository import Actor
 PREFIX = "/fhir"
 GZIP_MIN_BYTES = 1024
 GZIP_LEVEL = 5  # most of level 9's saving on JSON at a fraction of its time
+INLINE_WRITE_BYTES = 64 * 1024  # larger bodies are written from a thread (see below)
 _FHIR_JSON_UTF8 = FHIR_JSON_UTF8.encode()
 _NO_LENGTH = frozenset({204, 304})  # answers that must not (204) or need not describe a body
 
@@ -44,10 +45,13 @@ def _is_instance_read(method: str, path: str) -> bool:
 
 
 def _is_single_write(method: str, path: str, query: list[tuple[str, str]],
-                     headers: dict[str, str]) -> bool:
+                     headers: dict[str, str], body: bytes | None) -> bool:
     """A create, update, patch or delete of one resource named by id: short enough to run
-    on the event loop (conditional ones search first, and Bundles can be long)."""
+    on the event loop (conditional ones search first, Bundles can be long, and a large
+    body takes long to validate; those keep to threads, which let reads through)."""
     if method not in ("POST", "PUT", "PATCH", "DELETE") or query or "if-none-exist" in headers:
+        return False
+    if body is not None and len(body) > INLINE_WRITE_BYTES:
         return False
     parts = path.split("/")
     if parts[0] in ("", "metadata") or any(p.startswith(("_", "$")) for p in parts):
@@ -148,6 +152,6 @@ async def answer(app: Any, scope: Scope, receive: Receive,
     db = app.state.db
     if db.is_sqlite and _is_instance_read(method, path):
         return handle(ctx, fhir_request)
-    if db.is_sqlite and _is_single_write(method, path, query, headers):
+    if db.is_sqlite and _is_single_write(method, path, query, headers, body):
         return await db.write_on_loop(handle, ctx, fhir_request)
     return await run_in_threadpool(handle, ctx, fhir_request)

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.exc import DBAPIError
 
-from gateway.api.fhir_app import route_template
+from gateway.api.fhir_app import INLINE_WRITE_BYTES, _is_single_write, route_template
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.factories import task
@@ -61,3 +61,27 @@ def test_database_failures_become_outcomes(settings: Settings, monkeypatch: pyte
     ("a/b/c/d/e/f", "/fhir/{type}/{id}/_history/{vid}/…")])
 def test_route_template_never_contains_ids(path: str, template: str) -> None:
     assert route_template(path).path == template
+
+
+SMALL, LARGE = b"{}", b" " * (INLINE_WRITE_BYTES + 1)
+
+
+@pytest.mark.parametrize(("method", "path", "query", "headers", "body", "inline"), [
+    ("POST", "Task", [], {}, SMALL, True),
+    ("PUT", "Task/t1", [], {}, SMALL, True),
+    ("PATCH", "Task/t1", [], {}, SMALL, True),
+    ("DELETE", "Task/t1", [], {}, None, True),
+    ("POST", "Task", [], {"if-none-exist": "identifier=x|1"}, SMALL, False),
+    ("PUT", "Task", [("identifier", "x|1")], {}, SMALL, False),
+    ("DELETE", "Task", [("identifier", "x|1")], {}, None, False),
+    ("POST", "", [], {}, SMALL, False),  # a Bundle
+    ("POST", "Task/_search", [], {}, SMALL, False),
+    ("POST", "Task/$validate", [], {}, SMALL, False),
+    ("POST", "Task", [], {}, LARGE, False),
+    ("GET", "Task/t1", [], {}, None, False),
+])
+def test_which_writes_run_on_the_event_loop(method: str, path: str,
+                                            query: list[tuple[str, str]],
+                                            headers: dict[str, str], body: bytes | None,
+                                            inline: bool) -> None:
+    assert _is_single_write(method, path, query, headers, body) is inline
