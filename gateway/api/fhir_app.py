@@ -138,7 +138,7 @@ async def respond(request: Request) -> Response:
 async def answer(app: Any, scope: Scope, receive: Receive,
                  headers: dict[str, str]) -> FhirResponse:
     """Answer one FHIR request; failures raise (FhirError for the client's mistakes)."""
-    settings = app.state.settings
+    settings, db = app.state.settings, app.state.db
     query = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
     check_accept(query, headers)
     path = scope["path"][len(PREFIX):].strip("/")
@@ -146,10 +146,8 @@ async def answer(app: Any, scope: Scope, receive: Receive,
     body = await read_body(scope["method"], headers, receive, settings.max_body_bytes)
     fhir_request = FhirRequest(method=method, path=path, query=query, headers=headers,
                                body=body, content_type=headers.get("content-type"))
-    ctx = Context(db=app.state.db, settings=settings,
-                  base_url=base_url(settings, scope, headers),
+    ctx = Context(db=db, settings=settings, base_url=base_url(settings, scope, headers),
                   actor=Actor(request_id=scope.get("state", {}).get("request_id")))
-    db = app.state.db
     if db.is_sqlite and _is_instance_read(method, path):
         return handle(ctx, fhir_request)
     if db.is_sqlite and _is_single_write(method, path, query, headers, body):

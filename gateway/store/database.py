@@ -189,8 +189,7 @@ class _GroupCommitter:
         group, self._loop_group = self._loop_group, None
         assert group is not None
         with self._cond:
-            self._commit_group()
-            failure = self._done[self._group - 1]
+            failure = self._commit_group()
             self._busy = False
             self._cond.notify_all()
         if failure is None:
@@ -237,7 +236,8 @@ class _GroupCommitter:
             self._busy = False
             self._cond.notify_all()
 
-    def _commit_group(self) -> None:
+    def _commit_group(self) -> BaseException | None:
+        """Commit the open group; the failure its members must hear of, if any."""
         outcome: BaseException | None = None
         try:
             self._outer.commit()
@@ -252,6 +252,7 @@ class _GroupCommitter:
         self._group += 1
         if self.restart_due and self._conn is not None:
             self._let_wal_restart()
+        return outcome
 
     def _let_wal_restart(self) -> None:
         """Checkpoint the last frames while no writer is at work, so that the next write

@@ -153,14 +153,14 @@ _BUILDERS = {
 }
 
 
-def _absent(param: SearchParam, resource: dict[str, Any], resource_type: str) -> bool:
+def _absent(param: SearchParam, resource: dict[str, Any], names: frozenset[str]) -> bool:
     """True when none of the elements the parameter starts from is in the resource: most
     of a type's ~25 parameters, skipped by a set lookup instead of walked (a choice
-    element such as value[x] is never skipped: its JSON name varies)."""
+    element such as value[x] is not among `names`, the type's element names, and is
+    never skipped: its JSON name varies)."""
     starts = param.roots
     if starts is None:
         return False
-    names = element_names(resource_type)
     return all(root in names and root not in resource for root in starts)
 
 
@@ -168,8 +168,9 @@ def index_rows(resource: dict[str, Any]) -> dict[str, list[Row]]:
     """Rows per index table ('token', 'date'…) for a resource, without the key columns."""
     out: dict[str, list[Row]] = {t: [] for t in _BUILDERS}
     resource_type = resource["resourceType"]
+    names = element_names(resource_type)
     for param in indexed_params(resource_type):
-        if _absent(param, resource, resource_type):
+        if _absent(param, resource, names):
             continue
         values = param.extract(resource)
         if not values:
