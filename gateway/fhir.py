@@ -128,20 +128,25 @@ def _check_json_types(node: dict[str, Any], model: Any, where: str) -> list[Issu
     named = node.get("resourceType")
     if isinstance(named, str) and named != model.__name__:
         model = _model(named) or model  # contained, Bundle.entry.resource
+    kinds = _field_kinds(model)
     issues: list[Issue] = []
     for key, value in node.items():
-        kind = _field_kinds(model).get(key)
-        items = value if isinstance(value, list) else [value]
-        for index, item in enumerate(items):
-            at = f"{where}.{key}" + (f"[{index}]" if isinstance(value, list) else "")
+        kind = kinds.get(key)
+        many = isinstance(value, list)
+        for index, item in enumerate(value if many else (value,)):
             if isinstance(kind, type) and kind in _JSON_KINDS:
                 bad = isinstance(item, bool) and kind is not bool
                 if item is not None and (bad or not isinstance(item, _JSON_KINDS[kind])):
                     issues.append(Issue("invalid", f"Expected a JSON "
-                                        f"{_JSON_NAMES.get(kind, 'string')}", expression=(at,)))
-            elif hasattr(kind, "model_fields") and isinstance(item, dict):
-                issues.extend(_check_json_types(item, kind, at))
+                                        f"{_JSON_NAMES.get(kind, 'string')}",
+                                        expression=(_location(where, key, index, many),)))
+            elif isinstance(item, dict) and hasattr(kind, "model_fields"):
+                issues.extend(_check_json_types(item, kind, _location(where, key, index, many)))
     return issues
+
+
+def _location(where: str, key: str, index: int, many: bool) -> str:
+    return f"{where}.{key}[{index}]" if many else f"{where}.{key}"
 
 
 def validate(resource: dict[str, Any]) -> list[Issue]:

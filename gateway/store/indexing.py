@@ -10,6 +10,7 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Iterator
 from decimal import Decimal
+from functools import cache
 from typing import Any
 
 from gateway.fhir import element_names
@@ -153,24 +154,24 @@ _BUILDERS = {
 }
 
 
-def _absent(param: SearchParam, resource: dict[str, Any], names: frozenset[str]) -> bool:
-    """True when none of the elements the parameter starts from is in the resource: most
-    of a type's ~25 parameters, skipped by a set lookup instead of walked (a choice
-    element such as value[x] is not among `names`, the type's element names, and is
-    never skipped: its JSON name varies)."""
-    starts = param.roots
-    if starts is None:
-        return False
-    return all(root in names and root not in resource for root in starts)
+@cache
+def _index_plan(resource_type: str) -> tuple[tuple[SearchParam, frozenset[str] | None], ...]:
+    """A type's indexed parameters, each with the top-level elements it starts from when
+    it can be skipped by looking at those alone: most of a type's ~25 parameters are
+    absent from any one resource, and a set test is cheaper than a walk. A choice element
+    such as value[x] is not among the type's element names (its JSON name varies), so a
+    parameter starting from one is never skipped."""
+    names = element_names(resource_type)
+    return tuple((param, param.roots if param.roots is not None and param.roots <= names
+                  else None) for param in indexed_params(resource_type))
 
 
 def index_rows(resource: dict[str, Any]) -> dict[str, list[Row]]:
     """Rows per index table ('token', 'date'…) for a resource, without the key columns."""
     out: dict[str, list[Row]] = {t: [] for t in _BUILDERS}
-    resource_type = resource["resourceType"]
-    names = element_names(resource_type)
-    for param in indexed_params(resource_type):
-        if _absent(param, resource, names):
+    present = resource.keys()
+    for param, roots in _index_plan(resource["resourceType"]):
+        if roots is not None and roots.isdisjoint(present):
             continue
         values = param.extract(resource)
         if not values:

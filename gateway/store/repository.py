@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -122,7 +121,8 @@ def new_id() -> str:
     bits = (ms << 80) | int.from_bytes(os.urandom(10), "big")
     bits = bits & ~(0xF << 76) | (0x7 << 76)  # version 7
     bits = bits & ~(0x3 << 62) | (0x2 << 62)  # RFC 4122/9562 variant
-    return str(uuid.UUID(int=bits))
+    h = f"{bits:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def stamp(resource: dict[str, Any], resource_id: str, version: int, at: int) -> bytes:
