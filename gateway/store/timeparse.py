@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 
 _PATTERN = re.compile(
@@ -17,21 +17,27 @@ _PATTERN = re.compile(
     r"(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
 )
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_DAY = date(1970, 1, 1).toordinal()
+_SECOND = 1_000_000
+_MINUTE = 60 * _SECOND
+_DAY = 24 * 60 * _MINUTE
 
 
 def _micros(moment: datetime) -> int:
     return (moment - EPOCH) // timedelta(microseconds=1)
 
 
-def _zone(tz: str | None) -> timedelta:
+def _day(year: int, month: int, day: int) -> int:
+    """Midnight UTC of a calendar day in µs (ValueError when there is no such day)."""
+    return (date(year, month, day).toordinal() - _EPOCH_DAY) * _DAY
+
+
+def _zone(tz: str | None) -> int:
+    """A zone designator's offset from UTC in µs."""
     if not tz or tz == "Z":
-        return timedelta(0)
+        return 0
     sign = 1 if tz[0] == "+" else -1
-    return sign * timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6]))
-
-
-def _next_month(year: int, month: int) -> datetime:
-    return datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+    return sign * (int(tz[1:3]) * 60 + int(tz[4:6])) * _MINUTE
 
 
 def date_range(text: str) -> tuple[int, int] | None:
@@ -39,31 +45,31 @@ def date_range(text: str) -> tuple[int, int] | None:
     m = _PATTERN.match(text.strip())
     if not m:
         return None
+    year = int(m["y"])
     try:
-        year = int(m["y"])
         if m["m"] is None:
-            return _micros(datetime(year, 1, 1, tzinfo=UTC)), _micros(
-                datetime(year + 1, 1, 1, tzinfo=UTC)) - 1
+            return _day(year, 1, 1), _day(year + 1, 1, 1) - 1
         month = int(m["m"])
         if m["d"] is None:
-            start = datetime(year, month, 1, tzinfo=UTC)
-            return _micros(start), _micros(_next_month(year, month)) - 1
-        day = datetime(year, month, int(m["d"]), tzinfo=UTC)
-        if m["H"] is None:
-            return _micros(day), _micros(day + timedelta(days=1)) - 1
-        start = day.replace(hour=int(m["H"]), minute=int(m["M"])) - _zone(m["tz"])
-        if m["S"] is None:
-            return _micros(start), _micros(start + timedelta(minutes=1)) - 1
-        start += timedelta(seconds=int(m["S"]))
-        if m["f"] is None:
-            return _micros(start), _micros(start + timedelta(seconds=1)) - 1
-        digits = m["f"][1:]
-        unit = 10 ** max(0, 6 - len(digits))
-        micros = int(digits[:6].ljust(6, "0"))
-        low = _micros(start) + micros
-        return low, low + unit - 1
-    except (ValueError, OverflowError):
+            return _day(year, month, 1), _day(year + month // 12, month % 12 + 1, 1) - 1
+        day = _day(year, month, int(m["d"]))
+    except ValueError:  # month 13, 30 February, year 0 or past 9999
         return None
+    if m["H"] is None:
+        return day, day + _DAY - 1
+    hour, minute = int(m["H"]), int(m["M"])
+    if hour > 23 or minute > 59:
+        return None
+    start = day + (hour * 60 + minute) * _MINUTE - _zone(m["tz"])
+    if m["S"] is None:
+        return start, start + _MINUTE - 1
+    start += int(m["S"]) * _SECOND
+    if m["f"] is None:
+        return start, start + _SECOND - 1
+    digits = m["f"][1:]
+    unit = 10 ** max(0, 6 - len(digits))
+    low = start + int(digits[:6].ljust(6, "0"))
+    return low, low + unit - 1
 
 
 def format_instant(micros: int) -> str:
