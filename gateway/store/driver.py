@@ -43,7 +43,7 @@ class Statements:
     insert_history: str
     insert_change: str
     insert_index: dict[str, tuple[str, tuple[str, ...]]]
-    """kind -> (INSERT, columns after res_type and res_id)"""
+    """kind -> (INSERT, columns after res_type, res_id and last_updated)"""
     delete_index: dict[str, str]
 
 
@@ -54,8 +54,8 @@ def statements(dialect: str) -> Statements:
     index = {}
     for kind, table in INDEX_TABLES.items():
         sql, columns = _insert(table, m)
-        assert columns[:2] == ("res_type", "res_id")
-        index[kind] = (sql, columns[2:])
+        assert columns[:3] == ("res_type", "res_id", "last_updated")
+        index[kind] = (sql, columns[3:])
     return Statements(
         read=f"SELECT {', '.join(CURRENT_COLUMNS)} FROM resources WHERE {key}",
         # A racing creator of the same id makes this insert nothing (no error, no abort).

@@ -275,17 +275,18 @@ class Repository:
             *key, version.version, version.last_updated, version.method, version.deleted,
             version.content))
         if resource is not None:
-            self._write_index(key, resource)
+            self._write_index(key, version.last_updated, resource)
         self._driver.execute(self._sql.insert_change, (
             *key, version.version, interaction, version.last_updated, self.actor.name,
             self.actor.request_id))
 
-    def _write_index(self, key: tuple[str, str], resource: dict[str, Any]) -> None:
+    def _write_index(self, key: tuple[str, str], last_updated: int,
+                     resource: dict[str, Any]) -> None:
         for kind, rows in index_rows(resource).items():
             if rows:
                 sql, columns = self._sql.insert_index[kind]
-                self._driver.execute_many(
-                    sql, [(*key, *(row.get(c) for c in columns)) for row in rows])
+                self._driver.execute_many(sql, [(*key, last_updated, *(row.get(c) for c in columns))
+                                                for row in rows])
 
     def _clear_index(self, version: Version) -> None:
         key = (version.resource_type, version.id)

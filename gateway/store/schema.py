@@ -77,17 +77,22 @@ conditional_keys = Table(
 
 
 def _index_table(name: str, *columns: Column, indexes: tuple[tuple[str, ...], ...]) -> Table:
-    """An index table: (type, id, param, values…), looked up by (type, param, values…).
+    """An index table: (type, id, lastUpdated, param, values…), looked up by (type, param,
+    values…), each index ending with res_id unless it names it earlier.
 
     Every index costs each write a B-tree insert, and index rows are most of what a create
     costs, so there is one index per way searches read and no more: `system|` tokens and
-    _has/_revinclude are answered through the (type, param, …) indexes."""
+    _has/_revinclude are answered through the (type, param, …) indexes. The resource's
+    lastUpdated is copied into its rows so that a search sorted by it can walk one
+    criterion's matches in order (a token code, a reference), instead of every resource."""
     table = Table(name, metadata, *_key_columns(),
+                  Column("last_updated", BigInteger, nullable=False),
                   Column("param", String(64), nullable=False), *columns)
     Index(f"ix_{name}_resource", table.c.res_type, table.c.res_id)
     for n, cols in enumerate(indexes):
+        tail = () if "res_id" in cols else ("res_id",)
         Index(f"ix_{name}_{n}", table.c.res_type, table.c.param,
-              *(table.c[c] for c in cols), table.c.res_id)
+              *(table.c[c] for c in (*cols, *tail)))
     return table
 
 
@@ -97,11 +102,11 @@ sp_string = _index_table(
 sp_token = _index_table(
     "sp_token", Column("system", String(TOKEN), nullable=True),
     Column("code", String(TOKEN), nullable=True), Column("text", String(TOKEN), nullable=True),
-    indexes=(("code", "system"),))
+    indexes=(("code", "last_updated", "res_id", "system"),))
 sp_reference = _index_table(
     "sp_reference", Column("target_type", String(TYPE), nullable=True),
     Column("target_id", String(TOKEN), nullable=True), Column("url", Text, nullable=True),
-    indexes=(("target_id", "target_type"),))
+    indexes=(("target_id", "target_type", "last_updated"),))
 sp_date = _index_table(
     "sp_date", Column("low", BigInteger, nullable=False),
     Column("high", BigInteger, nullable=False), indexes=(("low", "high"), ("high",)))

@@ -1,14 +1,23 @@
-"""The alembic migrations build exactly the schema the code declares, on both engines."""
+"""The alembic migrations build exactly the schema the code declares, on both engines,
+and carry existing data forward."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import Engine, create_engine, inspect, text
 
-from gateway.store.database import Database
-from gateway.store.migrate import upgrade
+from gateway.settings import Settings
+from gateway.store.database import Database, make_engine
+from gateway.store.migrate import alembic_config, upgrade
 from gateway.store.schema import metadata
+from tests.conftest import PG_URL
 
 
 def test_migrated_database_matches_the_declared_schema(db: Database) -> None:
@@ -20,3 +29,47 @@ def test_upgrade_is_idempotent(db: Database) -> None:
     upgrade(db.engine)
     tables = set(inspect(db.engine).get_table_names())
     assert {t.name for t in metadata.sorted_tables} <= tables
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """An engine on a store no migration has touched yet, on each backend."""
+    if request.param == "sqlite":
+        engine = make_engine(Settings(database_url=f"sqlite:///{tmp_path / 'old.db'}"))
+        yield engine
+        engine.dispose()
+        return
+    if not PG_URL:
+        pytest.skip("PostgreSQL not configured: set ATM_TEST_POSTGRES_URL")
+    schema = f"atm_old_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://", 1))
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    engine = make_engine(Settings(
+        database_url=f"{PG_URL}{'&' if '?' in PG_URL else '?'}options=-csearch_path%3D{schema}"))
+    yield engine
+    engine.dispose()
+    with admin.begin() as conn:
+        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+def test_index_rows_written_before_0002_get_their_resources_last_updated(
+        empty_engine: Engine) -> None:
+    config = alembic_config()
+    with empty_engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+        conn.execute(text(
+            "INSERT INTO resources (res_type, res_id, version, last_updated, deleted, content)"
+            " VALUES ('Task', 't1', 1, 1700000000000000, false, '{}')"))
+        conn.execute(text("INSERT INTO sp_token (res_type, res_id, param, system, code)"
+                          " VALUES ('Task', 't1', 'status', NULL, 'ready')"))
+        conn.execute(text("INSERT INTO sp_reference (res_type, res_id, param, target_type,"
+                          " target_id) VALUES ('Task', 't1', 'owner', 'Organization', 'o1')"))
+    upgrade(empty_engine)
+    with empty_engine.connect() as conn:
+        for table in ("sp_token", "sp_reference"):
+            stamped = conn.execute(text(f"SELECT last_updated FROM {table}")).scalar_one()
+            assert stamped == 1_700_000_000_000_000
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
