@@ -73,8 +73,8 @@ def run(ctx: Context, repo: Repository, query: sq.SearchQuery) -> dict[str, Any]
             bundle["entry"] = [_outcome_entry(query.ignored)]
         return bundle
     driver = search_sql.choose_driver(repo.conn, query)
-    walk = search_sql.choose_walk(repo.conn, query) if driver is None else None
-    stmt, keys, backwards = search_sql.page_statement(query, driver, walk)
+    walk = search_sql.choose_walk(repo.conn, query, driver)
+    stmt, keys, backwards = search_sql.page_statement(query, None if walk else driver, walk)
     rows = list(repo.conn.execute(stmt))
     more = len(rows) > query.count
     rows = rows[: query.count]

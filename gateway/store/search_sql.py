@@ -318,22 +318,33 @@ def _sorted_by_last_updated(query: SearchQuery) -> bool:
     return not query.sort or list(query.sort) == [("_lastUpdated", False)]
 
 
-def choose_walk(conn: Connection, query: SearchQuery) -> Walk | None:
-    """The walk for a page no criterion drives: the walkable criterion with the fewest
-    matches (counted up to WALK_PROBE_LIMIT), when the page is sorted by _lastUpdated
-    ascending, the default. Descending pages keep to the resources' own index: their
-    tie-break on id runs the other way."""
+def choose_walk(conn: Connection, query: SearchQuery, driver: int | None) -> Walk | None:
+    """How a page sorted by _lastUpdated ascending (the default) is read, if by a walk.
+
+    A criterion small enough to drive the page (`driver`) is walked instead when it can
+    be: the walk stops once the page is full, where driving reads, checks and sorts every
+    match. With no driver, the walkable criterion with the fewest matches is walked.
+    Descending pages keep to the resources' own index: their tie-break on id runs the
+    other way."""
     if query.resource_type is None or not _sorted_by_last_updated(query):
         return None
     walkable = [i for i, c in enumerate(query.criteria) if _walkable(c, query.base_url)]
-    if len(walkable) > 1:
-        def size(i: int) -> int:
-            ids = ids_sql(query.criteria[i], query.resource_type or "", None)
-            assert ids is not None
-            probe = select(func.count()).select_from(ids.limit(WALK_PROBE_LIMIT).subquery())
-            return int(conn.execute(probe).scalar_one())
-        walkable.sort(key=size)
-    return Walk(walkable[0], conn.dialect.name) if walkable else None
+    if driver is not None:
+        return Walk(driver, conn.dialect.name) if driver in walkable else None
+    if not walkable:
+        return None
+    # References first (one owner, one patient: usually the fewer matches): each later
+    # criterion is then counted only as far as the smallest so far.
+    walkable.sort(key=lambda i: query.criteria[i].type != "reference")
+    best, fewest = walkable[0], WALK_PROBE_LIMIT + 1
+    for i in walkable if len(walkable) > 1 else ():
+        ids = ids_sql(query.criteria[i], query.resource_type, None)
+        assert ids is not None
+        probe = select(func.count()).select_from(ids.limit(fewest).subquery())
+        found = int(conn.execute(probe).scalar_one())
+        if found < fewest:
+            best, fewest = i, found
+    return Walk(best, conn.dialect.name)
 
 
 def _walked(query: SearchQuery, walk: Walk) -> tuple[Any, list[ColumnElement[bool]], Any]:

@@ -68,14 +68,15 @@ def test_walked_pages_are_the_pages_of_the_resource_walk(
     chosen: list[search_sql.Walk | None] = []
     choose = search_sql.choose_walk
 
-    def spy(conn: Connection, q: search_query.SearchQuery) -> search_sql.Walk | None:
-        chosen.append(choose(conn, q))
+    def spy(conn: Connection, q: search_query.SearchQuery,
+            driver: int | None) -> search_sql.Walk | None:
+        chosen.append(choose(conn, q, driver))
         return chosen[-1]
 
     monkeypatch.setattr(search_sql, "choose_walk", spy)
     assert page_ids(worklist, query) == walked
     assert chosen and all(w is not None for w in chosen), "the walk was not taken"
-    monkeypatch.setattr(search_sql, "choose_walk", lambda conn, q: None)
+    monkeypatch.setattr(search_sql, "choose_walk", lambda conn, q, driver: None)
     assert page_ids(worklist, query) == walked
     assert sum(len(page) for page in walked) > 2
 
@@ -100,8 +101,8 @@ def test_descending_and_other_sorts_do_not_walk(worklist: TestClient,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     chosen: list[search_sql.Walk | None] = []
     choose = search_sql.choose_walk
-    monkeypatch.setattr(search_sql, "choose_walk",
-                        lambda conn, q: chosen.append(choose(conn, q)) or chosen[-1])
+    monkeypatch.setattr(search_sql, "choose_walk", lambda conn, q, driver: chosen.append(
+        choose(conn, q, driver)) or chosen[-1])
     for sort in ("-_lastUpdated", "_id", "status"):
         ids = page_ids(worklist, f"Task?status=ready&_sort={sort}&_count=50")[0]
         assert len(ids) == 12
@@ -123,7 +124,7 @@ def walk_plan(conn: Connection, pairs: list[tuple[str, str]]) -> tuple[search_sq
                                                                       list[str]]:
     query = search_query.parse("Task", pairs, lenient=False, default_count=20, max_count=100)
     query.base_url = "http://testserver/fhir"
-    walk = search_sql.choose_walk(conn, query)
+    walk = search_sql.choose_walk(conn, query, None)
     assert walk is not None
     stmt, _, _ = search_sql.page_statement(query, None, walk)
     sql = str(stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
@@ -168,4 +169,21 @@ def test_criteria_without_an_ordered_index_are_not_walked(
         conn: Connection, pairs: list[tuple[str, str]]) -> None:
     query = search_query.parse("Task", pairs, lenient=False, default_count=20, max_count=100)
     query.base_url = "http://testserver/fhir"
-    assert search_sql.choose_walk(conn, query) is None
+    assert search_sql.choose_walk(conn, query, None) is None
+
+
+def test_a_criterion_small_enough_to_drive_is_walked_when_it_can_be(
+        conn: Connection) -> None:
+    """Driving reads, checks and sorts every match; the walk stops at a full page."""
+    query = search_query.parse("Task", [("status", "ready"), ("owner", "Organization/org-0")],
+                               lenient=False, default_count=20, max_count=100)
+    query.base_url = "http://testserver/fhir"
+    driver = search_sql.choose_driver(conn, query)
+    assert driver is not None  # 15 or 20 matches: both small
+    walk = search_sql.choose_walk(conn, query, driver)
+    assert walk is not None and walk.criterion == driver
+    by_ids = search_query.parse("Task", [("status", "ready"), ("_id", "t1,t2")],
+                               lenient=False, default_count=20, max_count=100)
+    driver = search_sql.choose_driver(conn, by_ids)
+    assert driver == 1  # two ids: driven, and an _id list has no ordered index to walk
+    assert search_sql.choose_walk(conn, by_ids, driver) is None
