@@ -30,3 +30,8 @@ def test_bench_quick_prints_every_scenario_and_writes_json(tmp_path: Path) -> No
     assert report["load"]["tasks"] == 200
     assert all(row["errors"] == 0 for row in report["scenarios"].values())
     assert report["scenarios"]["read"]["ok"] > 0
+    for name in ("create", "read"):  # the targets' own baseline runs, before and after
+        row = report["scenarios"][name]
+        before, after = row["adjacent_baseline_rps"]
+        assert before > 0 and after > 0
+        assert row["ratio"] == round(row["rps"] / ((before + after) / 2), 4)
