@@ -61,20 +61,26 @@ QUERIES = [
 ]
 
 
-@pytest.mark.parametrize("query", QUERIES)
-def test_walked_pages_are_the_pages_of_the_resource_walk(
-        worklist: TestClient, monkeypatch: pytest.MonkeyPatch, query: str) -> None:
-    walked = page_ids(worklist, query)
-    chosen: list[search_sql.Walk | None] = []
+@pytest.fixture
+def chosen(monkeypatch: pytest.MonkeyPatch) -> list[search_sql.Walk | None]:
+    """What choose_walk decided for each page served, in order."""
+    decisions: list[search_sql.Walk | None] = []
     choose = search_sql.choose_walk
 
     def spy(conn: Connection, q: search_query.SearchQuery,
             driver: int | None) -> search_sql.Walk | None:
-        chosen.append(choose(conn, q, driver))
-        return chosen[-1]
+        decisions.append(choose(conn, q, driver))
+        return decisions[-1]
 
     monkeypatch.setattr(search_sql, "choose_walk", spy)
-    assert page_ids(worklist, query) == walked
+    return decisions
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_walked_pages_are_the_pages_of_the_resource_walk(
+        worklist: TestClient, monkeypatch: pytest.MonkeyPatch, query: str,
+        chosen: list[search_sql.Walk | None]) -> None:
+    walked = page_ids(worklist, query)
     assert chosen and all(w is not None for w in chosen), "the walk was not taken"
     monkeypatch.setattr(search_sql, "choose_walk", lambda conn, q, driver: None)
     assert page_ids(worklist, query) == walked
@@ -88,21 +94,18 @@ def test_updated_resources_are_walked_at_their_new_place(worklist: TestClient) -
 
 
 def test_a_resource_holding_the_walked_code_twice_is_listed_once(
-        worklist: TestClient) -> None:
+        worklist: TestClient, chosen: list[search_sql.Walk | None]) -> None:
     twice = task(id="twice", status="ready", code={"coding": [
         {"system": "http://example.org/atm-step", "code": "apheresis"},
         {"system": "http://example.org/other-steps", "code": "apheresis"}]})
     assert worklist.put("/fhir/Task/twice", json=twice).status_code == 201
     ids = [i for page in page_ids(worklist, "Task?code=apheresis&_count=7") for i in page]
     assert ids.count("twice") == 1 and len(ids) == 37
+    assert chosen and all(w is not None for w in chosen), "the walk was not taken"
 
 
-def test_descending_and_other_sorts_do_not_walk(worklist: TestClient,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    chosen: list[search_sql.Walk | None] = []
-    choose = search_sql.choose_walk
-    monkeypatch.setattr(search_sql, "choose_walk", lambda conn, q, driver: chosen.append(
-        choose(conn, q, driver)) or chosen[-1])
+def test_descending_and_other_sorts_do_not_walk(
+        worklist: TestClient, chosen: list[search_sql.Walk | None]) -> None:
     for sort in ("-_lastUpdated", "_id", "status"):
         ids = page_ids(worklist, f"Task?status=ready&_sort={sort}&_count=50")[0]
         assert len(ids) == 12
