@@ -45,24 +45,33 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def pg_schema_url() -> Iterator[str]:
-    """A private schema on the test server, migrated once, dropped at the end."""
+@contextmanager
+def private_pg_schema(prefix: str) -> Iterator[str]:
+    """The URL of a new, empty schema on the test server (skips without one), dropped
+    afterwards."""
     if not PG_URL:
         pytest.skip("PostgreSQL not configured: set ATM_TEST_POSTGRES_URL")
-    schema = f"atm_test_{uuid.uuid4().hex[:10]}"
+    schema = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://", 1))
     with admin.begin() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
     sep = "&" if "?" in PG_URL else "?"
-    url = f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    engine = make_engine(Settings(database_url=url))
-    upgrade(engine)
-    engine.dispose()
-    yield url
-    with admin.begin() as conn:
-        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
+    try:
+        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_schema_url() -> Iterator[str]:
+    """A private schema on the test server, migrated once, dropped at the end."""
+    with private_pg_schema("atm_test") as url:
+        engine = make_engine(Settings(database_url=url))
+        upgrade(engine)
+        engine.dispose()
+        yield url
 
 
 def _truncate(url: str) -> None:

@@ -3,7 +3,6 @@ and carry existing data forward."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,13 +10,13 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy import Engine, inspect, text
 
 from gateway.settings import Settings
 from gateway.store.database import Database, make_engine
 from gateway.store.migrate import alembic_config, upgrade
 from gateway.store.schema import metadata
-from tests.conftest import PG_URL
+from tests.conftest import private_pg_schema
 
 
 def test_migrated_database_matches_the_declared_schema(db: Database) -> None:
@@ -39,19 +38,10 @@ def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Eng
         yield engine
         engine.dispose()
         return
-    if not PG_URL:
-        pytest.skip("PostgreSQL not configured: set ATM_TEST_POSTGRES_URL")
-    schema = f"atm_old_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://", 1))
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    engine = make_engine(Settings(
-        database_url=f"{PG_URL}{'&' if '?' in PG_URL else '?'}options=-csearch_path%3D{schema}"))
-    yield engine
-    engine.dispose()
-    with admin.begin() as conn:
-        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
+    with private_pg_schema("atm_old") as url:
+        engine = make_engine(Settings(database_url=url))
+        yield engine
+        engine.dispose()
 
 
 def test_index_rows_written_before_0002_get_their_resources_last_updated(
