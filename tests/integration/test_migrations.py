@@ -63,3 +63,17 @@ def test_index_rows_written_before_0002_get_their_resources_last_updated(
             stamped = conn.execute(text(f"SELECT last_updated FROM {table}")).scalar_one()
             assert stamped == 1_700_000_000_000_000
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+
+
+def test_0002_can_be_undone(empty_engine: Engine) -> None:
+    config = alembic_config()
+    with empty_engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+        command.downgrade(config, "0001")
+    inspector = inspect(empty_engine)
+    for table in ("sp_token", "sp_reference", "sp_date"):
+        assert "last_updated" not in {c["name"] for c in inspector.get_columns(table)}
+    lookups = {i["name"]: i["column_names"] for i in inspector.get_indexes("sp_token")}
+    assert lookups["ix_sp_token_0"] == ["res_type", "param", "code", "system", "res_id"]
+    assert "ix_sp_token_resource" in lookups
