@@ -323,21 +323,24 @@ def choose_walk(conn: Connection, query: SearchQuery, driver: int | None) -> Wal
 
     A criterion small enough to drive the page (`driver`) is walked instead when it can
     be: the walk stops once the page is full, where driving reads, checks and sorts every
-    match. With no driver, the walkable criterion with the fewest matches is walked.
-    Descending pages keep to the resources' own index: their tie-break on id runs the
-    other way."""
+    match. With no driver, a walkable reference is walked rather than a token, and among
+    several of a kind the one with the fewest matches. Descending pages keep to the
+    resources' own index: their tie-break on id runs the other way."""
     if query.resource_type is None or not _sorted_by_last_updated(query):
         return None
     walkable = [i for i, c in enumerate(query.criteria) if _walkable(c, query.base_url)]
     if driver is not None:
         return Walk(driver, conn.dialect.name) if driver in walkable else None
-    if not walkable:
+    # Every criterion has thousands of matches here. A reference (one owner, one patient)
+    # is walked before a token (a status, a code): it usually has the fewer, and counting
+    # a status's matches at 1M Tasks would cost more than the walk it decides. Within the
+    # kind, each is counted only as far as the smallest so far.
+    references = [i for i in walkable if query.criteria[i].type == "reference"]
+    candidates = references or walkable
+    if not candidates:
         return None
-    # References first (one owner, one patient: usually the fewer matches): each later
-    # criterion is then counted only as far as the smallest so far.
-    walkable.sort(key=lambda i: query.criteria[i].type != "reference")
-    best, fewest = walkable[0], WALK_PROBE_LIMIT + 1
-    for i in walkable if len(walkable) > 1 else ():
+    best, fewest = candidates[0], WALK_PROBE_LIMIT + 1
+    for i in candidates if len(candidates) > 1 else ():
         ids = ids_sql(query.criteria[i], query.resource_type, None)
         assert ids is not None
         probe = select(func.count()).select_from(ids.limit(fewest).subquery())

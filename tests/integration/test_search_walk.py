@@ -152,6 +152,13 @@ def test_the_smaller_criterion_is_walked_through_its_index_in_order(
         assert any("m_sp_token USING INDEX ix_sp_token_resource" in line for line in lines)
 
 
+def test_of_two_codes_the_one_with_fewer_matches_is_walked(conn: Connection) -> None:
+    # Every Task has the apheresis code; a third of them are ready.
+    walk, _ = walk_plan(conn, [("code", "http://example.org/atm-step|apheresis"),
+                               ("status", "ready")])
+    assert walk.criterion == 1
+
+
 def test_a_token_code_is_walked_through_the_token_index(conn: Connection) -> None:
     walk, lines = walk_plan(conn, [("status", "ready")])
     assert walk.criterion == 0
