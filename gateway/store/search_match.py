@@ -64,9 +64,14 @@ def local_reference(t: Any, base: str | None) -> ColumnElement[bool]:
     return or_(t.c.url.is_(None), t.c.url.like(like_escape(base) + "/%", escape="\\"))
 
 
+def is_local(v: RefValue, base: str | None) -> bool:
+    """A searched reference by type/id: relative, or absolute on our own base."""
+    return v.id is not None and (
+        v.url is None or (base is not None and v.url.startswith(base + "/")))
+
+
 def _reference_match(t: Any, v: RefValue, base: str | None) -> ColumnElement[bool]:
-    on_our_base = base is not None and v.url is not None and v.url.startswith(base + "/")
-    if v.id is None or (v.url is not None and not on_our_base):
+    if not is_local(v, base):
         return t.c.url == v.url
     cond = t.c.target_id == v.id
     if v.type:

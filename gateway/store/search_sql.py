@@ -40,6 +40,7 @@ from sqlalchemy.sql.selectable import Alias, Join
 from gateway.errors import InvalidError
 from gateway.store.schema import INDEX_TABLES, resources, sp_reference, sp_token
 from gateway.store.search_match import (
+    is_local,
     local_reference,
     range_match,
     token_match,
@@ -233,16 +234,19 @@ def choose_driver(conn: Connection, query: SearchQuery, counting: bool = False) 
         ids = ids_sql(c, query.resource_type, None)
         if ids is None:
             continue
-        if c.name == "_id":
-            found = len(c.values)
-        else:
-            probe = select(func.count()).select_from(ids.limit(limit).subquery())
-            found = conn.execute(probe).scalar_one()
+        found = len(c.values) if c.name == "_id" else _count_up_to(conn, ids, limit)
         if found < limit and (best is None or found < best[1]):
             best = (i, found)
         if found == 0:
             break
     return None if best is None else best[0]
+
+
+def _count_up_to(conn: Connection, ids: Select[Any], limit: int) -> int:
+    """How many ids a criterion matches, counting no further than `limit`: each probe
+    stays cheap however many it matches."""
+    probe = select(func.count()).select_from(ids.limit(limit).subquery())
+    return int(conn.execute(probe).scalar_one())
 
 
 class _Distinct(FunctionElement[str]):
@@ -309,8 +313,7 @@ def _walkable(c: Criterion, base: str | None) -> bool:
     if c.type == "token":
         return isinstance(v, TokenValue) and v.code is not None
     if c.type == "reference" and isinstance(v, RefValue):
-        local = v.url is None or (base is not None and v.url.startswith(base + "/"))
-        return v.id is not None and bool(v.type) and local
+        return bool(v.type) and is_local(v, base)
     return False
 
 
@@ -343,8 +346,7 @@ def choose_walk(conn: Connection, query: SearchQuery, driver: int | None) -> Wal
     for i in candidates if len(candidates) > 1 else ():
         ids = ids_sql(query.criteria[i], query.resource_type, None)
         assert ids is not None
-        probe = select(func.count()).select_from(ids.limit(fewest).subquery())
-        found = int(conn.execute(probe).scalar_one())
+        found = _count_up_to(conn, ids, fewest)
         if found < fewest:
             best, fewest = i, found
     return Walk(best, conn.dialect.name)
