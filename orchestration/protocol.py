@@ -1,0 +1,191 @@
+"""A protocol as the engine sees it, read from its FHIR form (a workflow-definition
+PlanDefinition, see orchestration/PROTOCOLS.md). Pure: dicts in, frozen values out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+ATM = "https://atm-gateway.org/fhir"
+EXT = f"{ATM}/StructureDefinition/"
+ESCALATION_ROLE = EXT + "escalation-role"
+ON_FAILURE = EXT + "on-failure"
+PARTNER_ROLE = EXT + "partner-role"
+ROLE_SYSTEM = f"{ATM}/CodeSystem/partner-role"
+STAGE_SYSTEM = f"{ATM}/CodeSystem/stage"
+
+# UCUM units a duration may be written in, as timedelta keyword arguments.
+_UNITS = {"s": "seconds", "min": "minutes", "h": "hours", "d": "days", "wk": "weeks"}
+
+
+class ProtocolFormError(ValueError):
+    """A PlanDefinition the engine cannot run (the message says which element)."""
+
+
+@dataclass(frozen=True)
+class Link:
+    """A relatedAction: `stage` is the other action, `offset` the gap or lead time."""
+
+    stage: str
+    offset: timedelta = timedelta(0)
+
+
+@dataclass(frozen=True)
+class OnFailure:
+    back_to: str
+    max_repeats: int
+
+
+@dataclass(frozen=True)
+class Stage:
+    id: str
+    title: str
+    definition: str | None  # the ActivityDefinition canonical
+    kind: str  # Task | ServiceRequest | Appointment
+    role: str | None
+    after: tuple[Link, ...] = ()
+    ends_before: tuple[Link, ...] = ()
+    deadline: timedelta | None = None
+    condition: str | None = None  # FHIRPath
+    escalation_role: str | None = None
+    on_failure: OnFailure | None = None
+    parent: str | None = None
+    children: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Protocol:
+    url: str
+    version: str | None
+    title: str
+    stages: dict[str, Stage]  # in document order, parents before their children
+    escalation_role: str | None = None
+
+    @property
+    def canonical(self) -> str:
+        return f"{self.url}|{self.version}" if self.version else self.url
+
+    def siblings(self, stage_id: str) -> list[Stage]:
+        parent = self.stages[stage_id].parent
+        return [s for s in self.stages.values() if s.parent == parent]
+
+    def top_level(self) -> list[Stage]:
+        return [s for s in self.stages.values() if s.parent is None]
+
+
+def duration(value: dict[str, Any], where: str) -> timedelta:
+    """A FHIR Duration in one of the UCUM units above."""
+    unit = value.get("code") or value.get("unit")
+    number = value.get("value")
+    if unit not in _UNITS or not isinstance(number, int | float):
+        raise ProtocolFormError(f"{where}: a duration needs a value and a unit of "
+                                f"{', '.join(_UNITS)}")
+    return timedelta(**{_UNITS[unit]: number})
+
+
+def _extension(element: dict[str, Any], url: str) -> dict[str, Any] | None:
+    return next((e for e in element.get("extension", []) if e.get("url") == url), None)
+
+
+def _role(element: dict[str, Any]) -> str | None:
+    for participant in element.get("participant", []):
+        for coding in participant.get("role", {}).get("coding", []):
+            if coding.get("system") == ROLE_SYSTEM and coding.get("code"):
+                return str(coding["code"])
+    return None
+
+
+def _links(action: dict[str, Any], relationships: tuple[str, ...]) -> tuple[Link, ...]:
+    links = []
+    for related in action.get("relatedAction", []):
+        if related.get("relationship") in relationships:
+            offset = related.get("offsetDuration")
+            where = f"action {action.get('id')} relatedAction {related.get('actionId')}"
+            links.append(Link(related["actionId"],
+                              duration(offset, where) if offset else timedelta(0)))
+    return tuple(links)
+
+
+def _condition(action: dict[str, Any]) -> str | None:
+    for condition in action.get("condition", []):
+        expression = condition.get("expression", {})
+        if condition.get("kind") == "applicability" and expression.get("expression"):
+            if expression.get("language", "text/fhirpath") != "text/fhirpath":
+                raise ProtocolFormError(f"action {action.get('id')}: only FHIRPath "
+                                        "conditions are supported")
+            return str(expression["expression"])
+    return None
+
+
+def _on_failure(action: dict[str, Any]) -> OnFailure | None:
+    extension = _extension(action, ON_FAILURE)
+    if extension is None:
+        return None
+    parts = {e.get("url"): e for e in extension.get("extension", [])}
+    back_to = parts.get("back-to", {}).get("valueId")
+    repeats = parts.get("max-repeats", {}).get("valueUnsignedInt")
+    if not back_to or not isinstance(repeats, int):
+        raise ProtocolFormError(f"action {action.get('id')}: on-failure needs back-to and "
+                                "max-repeats")
+    return OnFailure(back_to, repeats)
+
+
+def _kind(definition: str | None, kinds: dict[str, str]) -> str:
+    if definition is None:
+        return "Task"
+    return kinds.get(definition.split("|")[0], "Task")
+
+
+def _stages(actions: list[dict[str, Any]], parent: str | None,
+            kinds: dict[str, str]) -> Iterator[Stage]:
+    for action in actions:
+        stage_id = action.get("id")
+        if not stage_id:
+            raise ProtocolFormError("every action needs an id")
+        children = action.get("action", [])
+        deadline = action.get("timingDuration")
+        escalation = _extension(action, ESCALATION_ROLE)
+        yield Stage(
+            id=stage_id, title=action.get("title") or stage_id,
+            definition=action.get("definitionCanonical"),
+            kind=_kind(action.get("definitionCanonical"), kinds), role=_role(action),
+            after=_links(action, ("after-end", "after")),
+            ends_before=_links(action, ("before-start", "before")),
+            deadline=duration(deadline, f"action {stage_id} timing") if deadline else None,
+            condition=_condition(action),
+            escalation_role=escalation.get("valueCode") if escalation else None,
+            on_failure=_on_failure(action), parent=parent,
+            children=tuple(child.get("id", "") for child in children))
+        yield from _stages(children, stage_id, kinds)
+
+
+def from_plan_definition(plan: dict[str, Any],
+                         activities: Sequence[dict[str, Any]] = ()) -> Protocol:
+    """The protocol a PlanDefinition describes; `activities` give each stage's kind."""
+    if plan.get("resourceType") != "PlanDefinition" or not plan.get("url"):
+        raise ProtocolFormError("a protocol is a PlanDefinition with a url")
+    kinds = {a["url"]: a.get("kind", "Task") for a in activities if a.get("url")}
+    stages: dict[str, Stage] = {}
+    for stage in _stages(plan.get("action", []), None, kinds):
+        if stage.id in stages:
+            raise ProtocolFormError(f"action id {stage.id} is used twice")
+        stages[stage.id] = stage
+    _check_links(stages)
+    escalation = _extension(plan, ESCALATION_ROLE)
+    return Protocol(url=plan["url"], version=plan.get("version"),
+                    title=plan.get("title") or plan["url"], stages=stages,
+                    escalation_role=escalation.get("valueCode") if escalation else None)
+
+
+def _check_links(stages: dict[str, Stage]) -> None:
+    for stage in stages.values():
+        for link in (*stage.after, *stage.ends_before):
+            other = stages.get(link.stage)
+            if other is None or other.parent != stage.parent:
+                raise ProtocolFormError(f"action {stage.id}: related action {link.stage} is "
+                                        "not one of its siblings")
+        if stage.on_failure and stage.on_failure.back_to not in stages:
+            raise ProtocolFormError(f"action {stage.id}: on-failure goes back to unknown "
+                                    f"action {stage.on_failure.back_to}")
