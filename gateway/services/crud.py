@@ -23,6 +23,7 @@ from gateway.errors import (
     UnprocessableError,
     UnsupportedMediaTypeError,
 )
+from gateway.services import task_states
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.resources import (
     body_json,
@@ -32,10 +33,14 @@ from gateway.services.resources import (
 )
 from gateway.services.responses import outcome_bytes, version_headers, written
 from gateway.services.search import match_ids
-from gateway.store.repository import UPDATE_RETRIES, Repository, Version
+from gateway.store.repository import UPDATE_RETRIES, Guard, Repository, Version
 from gateway.store.timeparse import parse_http_date
 
 JSON_PATCH = "application/json-patch+json"
+
+# Rules every update of a type must pass against the version it replaces (PUT,
+# conditional update, PATCH, and the same in Bundles); creates pass none.
+UPDATE_RULES: dict[str, Guard] = {"Task": task_states.check_update}
 
 
 def parse_etag(value: str | None) -> int | None:
@@ -165,7 +170,8 @@ def update(ctx: Context, request: FhirRequest, resource_type: str,
     resource = valid_resource(body_json(request), resource_type, resource_id)
     expected = parse_etag(request.header("if-match"))
     with ctx.writing() as repo:
-        version, created = repo.update(resource, resource_id, expected_version=expected)
+        version, created = repo.update(resource, resource_id, expected_version=expected,
+                                       guard=UPDATE_RULES.get(resource_type))
     return written(ctx, request, version, 201 if created else 200,
                    f"{'Created' if created else 'Updated'} {version.reference}")
 
@@ -186,13 +192,15 @@ def conditional_update(ctx: Context, request: FhirRequest, resource_type: str) -
                 version, created = repo.create(resource, request.assigned_id), True
             else:
                 check_id(body_id)
-                version, created = repo.update(resource, body_id, expected_version=expected)
+                version, created = repo.update(resource, body_id, expected_version=expected,
+                                               guard=UPDATE_RULES.get(resource_type))
             return written(ctx, request, version, 201 if created else 200,
                            f"{'Created' if created else 'Updated'} {version.reference}")
         if isinstance(data, dict) and "id" not in data:
             data = {**data, "id": ids[0]}
         resource = valid_resource(data, resource_type, ids[0])
-        version, _ = repo.update(resource, ids[0], expected_version=expected)
+        version, _ = repo.update(resource, ids[0], expected_version=expected,
+                                 guard=UPDATE_RULES.get(resource_type))
     return written(ctx, request, version, 200, f"Updated {version.reference}")
 
 
@@ -211,7 +219,8 @@ def patch(ctx: Context, request: FhirRequest, resource_type: str,
                                       resource_type, resource_id)
             try:
                 version, _ = repo.update(resource, resource_id,
-                                         expected_version=current.version, method="PATCH")
+                                         expected_version=current.version, method="PATCH",
+                                         guard=UPDATE_RULES.get(resource_type))
                 break
             except PreconditionFailedError:
                 if expected is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -99,6 +100,11 @@ class Version:
     def resource(self) -> dict[str, Any]:
         assert self.content is not None, "a deleted version has no content"
         return jsonio.loads_trusted(self.content)  # type: ignore[no-any-return]
+
+
+Guard = Callable[[Version, dict[str, Any]], None]
+"""A rule an update must pass: (version to be replaced, new resource); it raises to refuse.
+The repository runs it and knows nothing of why (the rules live in gateway/services)."""
 
 
 @dataclass(frozen=True)
@@ -207,8 +213,14 @@ class Repository:
         return self.conn.execute(stmt, values).first() is not None
 
     def update(self, resource: dict[str, Any], resource_id: str, *,
-               expected_version: int | None = None, method: str = "PUT") -> tuple[Version, bool]:
-        """Store a new version; create it when absent. Returns (version, created)."""
+               expected_version: int | None = None, method: str = "PUT",
+               guard: Guard | None = None) -> tuple[Version, bool]:
+        """Store a new version; create it when absent. Returns (version, created).
+
+        `guard`, when given, sees each version this update is about to replace (after the
+        If-Match check, again on every retry) and may raise to refuse the change: the
+        rule holds against the version actually replaced, not a stale read of it.
+        """
         resource_type = resource["resourceType"]
         for _ in range(UPDATE_RETRIES):
             current = self.read(resource_type, resource_id)
@@ -226,6 +238,8 @@ class Repository:
                 raise PreconditionFailedError(
                     f"Version {expected_version} is not the current version of "
                     f"{resource_type}/{resource_id} (it is {current.version})")
+            if guard is not None:
+                guard(current, resource)
             version = self._replace(current, resource, method)
             if version is not None:
                 return version, current.deleted
