@@ -67,6 +67,14 @@ change_log = Table(
     Column("request_id", String(64), nullable=True),
 )
 
+# How far each reactor to the change log (the orchestrator...) has got: its last seq.
+reactor_cursors = Table(
+    "reactor_cursors", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
 conditional_keys = Table(
     "conditional_keys", metadata,
     Column("res_type", String(TYPE), nullable=False, primary_key=True),

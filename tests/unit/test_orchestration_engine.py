@@ -16,57 +16,16 @@ from orchestration.effects import (
     StartStage,
 )
 from orchestration.engine import decide
-from orchestration.protocol import (
-    ESCALATION_ROLE,
-    ON_FAILURE,
-    ROLE_SYSTEM,
-    ProtocolFormError,
-    from_plan_definition,
-)
+from orchestration.protocol import ProtocolFormError, from_plan_definition
 from orchestration.state import KEY_SYSTEM, ROLE_ASSIGNMENT, plan_state, resource_id
+from tests.factories.protocols import action, plan_definition
 
 NOW = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 CAREPLAN = "cp1"
 
 
-def action(stage_id: str, *after: str | tuple[str, int], role: str | None = None,
-           deadline_days: int | None = None, when: str | None = None,
-           back_to: tuple[str, int] | None = None, steps: list[dict[str, Any]] | None = None,
-           ends_before: tuple[str, int] | None = None) -> dict[str, Any]:
-    """A PlanDefinition action in the form orchestration/PROTOCOLS.md gives."""
-    days = {"system": "http://unitsofmeasure.org", "code": "d", "unit": "d"}
-    related = [{"actionId": a, "relationship": "after-end"} if isinstance(a, str) else
-               {"actionId": a[0], "relationship": "after-end",
-                "offsetDuration": {"value": a[1], **days}} for a in after]
-    if ends_before:
-        related.append({"actionId": ends_before[0], "relationship": "before-start",
-                        "offsetDuration": {"value": ends_before[1], **days}})
-    result: dict[str, Any] = {"id": stage_id, "title": stage_id.title()}
-    if related:
-        result["relatedAction"] = related
-    if role:
-        result["participant"] = [{"type": "practitioner",
-                                  "role": {"coding": [{"system": ROLE_SYSTEM, "code": role}]}}]
-    if deadline_days:
-        result["timingDuration"] = {"value": deadline_days, **days}
-    if when:
-        result["condition"] = [{"kind": "applicability",
-                                "expression": {"language": "text/fhirpath", "expression": when}}]
-    if back_to:
-        result["extension"] = [{"url": ON_FAILURE, "extension": [
-            {"url": "back-to", "valueId": back_to[0]},
-            {"url": "max-repeats", "valueUnsignedInt": back_to[1]}]}]
-    if steps:
-        result["action"] = steps
-    return result
-
-
 def protocol(*actions: dict[str, Any], escalation: str | None = None) -> Any:
-    plan: dict[str, Any] = {"resourceType": "PlanDefinition", "url": "https://x/PlanDefinition/p",
-                            "version": "1", "title": "Test therapy", "action": list(actions)}
-    if escalation:
-        plan["extension"] = [{"url": ESCALATION_ROLE, "valueCode": escalation}]
-    return from_plan_definition(plan)
+    return from_plan_definition(plan_definition(*actions, escalation=escalation))
 
 
 def task(stage: str, status: str, run: int = 1, finished: datetime | None = None,

@@ -1,0 +1,394 @@
+"""The orchestrator's imperative shell: reads the change log after its cursor, and for each
+enrolment a change touched, decides under a lock on its CarePlan and writes the Tasks,
+CarePlan changes and Provenances in that one transaction.
+
+Exactly once, without a coordinator: decisions are made from what is stored (not from the
+event), under the CarePlan's row lock, and what a step writes has an id derived from
+(CarePlan, stage, run). A step replayed after a crash, or raced by a second orchestrator,
+finds its work already there and decides nothing new.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, select
+
+from gateway.errors import FhirError
+from gateway.services.context import Context, FhirRequest, FhirResponse
+from gateway.services.router import dispatch
+from gateway.services.search import match_ids
+from gateway.settings import Settings
+from gateway.store.database import Database
+from gateway.store.repository import Actor, Repository
+from gateway.store.schema import change_log, reactor_cursors
+from orchestration import writes
+from orchestration.effects import (
+    CompletePlan,
+    Effect,
+    HoldPlan,
+    MarkOverdue,
+    SetTaskStatus,
+    SkipStage,
+    StartStage,
+)
+from orchestration.engine import decide
+from orchestration.protocol import Protocol, ProtocolFormError, from_plan_definition
+from orchestration.state import PlanState, plan_state, resource_id
+
+log = logging.getLogger("atm.orchestrator")
+
+ACTOR = Actor(name="orchestrator")
+CURSOR = "orchestrator"
+MAX_TASKS_PER_PLAN = 2000
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Advance:
+    """What one call to `advance` did to one enrolment."""
+
+    careplan_id: str
+    effects: list[Effect]
+
+
+class Orchestrator:
+    def __init__(self, db: Database, settings: Settings, *, clock: Clock = utc_now,
+                 batch: int = 500, gap_grace: timedelta = timedelta(seconds=30)) -> None:
+        self.db, self.settings, self.clock = db, settings, clock
+        self.batch, self.gap_grace = batch, gap_grace
+        self._protocols: dict[tuple[str, str], Protocol] = {}
+
+    def _context(self, conn: Connection) -> Context:
+        return Context(db=self.db, settings=self.settings,
+                       base_url=self.settings.base_url or "", actor=ACTOR).within(conn)
+
+    # -- the change log ------------------------------------------------------------------
+    def run_once(self) -> int:
+        """React to the changes after the cursor; the number of changes consumed."""
+        cursor = self._cursor()
+        with self.db.read() as conn:
+            rows = list(conn.execute(
+                select(change_log.c.seq, change_log.c.res_type, change_log.c.res_id,
+                       change_log.c.actor, change_log.c.at)
+                .where(change_log.c.seq > cursor).order_by(change_log.c.seq)
+                .limit(self.batch)).all())
+        if not rows:
+            return 0
+        for careplan_id in self._enrolments_touched(rows):
+            self.advance(careplan_id)
+        self._save_cursor(self._safe_position(cursor, rows))
+        return len(rows)
+
+    def _safe_position(self, cursor: int, rows: list[Any]) -> int:
+        """The last seq before a gap: a PostgreSQL transaction still open when later ones
+        committed fills it later (a gap older than `gap_grace` was rolled back)."""
+        position = cursor
+        old_enough = int((self.clock() - self.gap_grace).timestamp() * 1_000_000)
+        for row in rows:
+            if row.seq != position + 1 and row.at > old_enough:
+                break
+            position = row.seq
+        return position
+
+    def _enrolments_touched(self, rows: list[Any]) -> list[str]:
+        """CarePlans to re-evaluate: changed ones, those of changed Tasks, and new ones
+        made from referral ServiceRequests. The orchestrator's own writes are left out:
+        each advance goes as far as it can in one pass."""
+        touched: dict[str, None] = {}
+        keys = {(r.res_type, r.res_id) for r in rows if r.actor != ACTOR.name}
+        with self.db.read() as conn:
+            current = Repository(conn).read_many(sorted(keys))
+        for (resource_type, resource_id_), version in current.items():
+            if version.deleted:
+                continue
+            if resource_type == "CarePlan":
+                touched[resource_id_] = None
+            elif resource_type == "Task":
+                for ref in version.resource().get("basedOn", []):
+                    if str(ref.get("reference", "")).startswith("CarePlan/"):
+                        touched[ref["reference"].split("/", 1)[1]] = None
+            elif resource_type == "ServiceRequest":
+                enrolled = self._enrol_referral(version.resource())
+                if enrolled:
+                    touched[enrolled] = None
+        return list(touched)
+
+    def _cursor(self) -> int:
+        with self.db.read() as conn:
+            seq = conn.execute(select(reactor_cursors.c.seq)
+                               .where(reactor_cursors.c.name == CURSOR)).scalar()
+        return int(seq or 0)
+
+    def _save_cursor(self, seq: int) -> None:
+        now = int(self.clock().timestamp() * 1_000_000)
+        with self.db.write() as conn:
+            current = conn.execute(select(reactor_cursors.c.seq)
+                                   .where(reactor_cursors.c.name == CURSOR)).scalar()
+            if current is None:
+                conn.execute(reactor_cursors.insert().values(name=CURSOR, seq=seq,
+                                                             updated_at=now))
+            elif seq > current:  # two orchestrators: the cursor never moves back
+                conn.execute(reactor_cursors.update().where(reactor_cursors.c.name == CURSOR)
+                             .values(seq=seq, updated_at=now))
+
+    # -- deadlines -----------------------------------------------------------------------
+    def check_deadlines(self) -> int:
+        """Re-evaluate every active enrolment (a deadline passes without any write);
+        the number of enrolments that had something due."""
+        with self.db.read() as conn:
+            ctx = self._context(conn)
+            ids = match_ids(ctx, Repository(conn), "CarePlan", [("status", "active")],
+                            limit=100_000)
+        return sum(1 for careplan_id in ids if self.advance(careplan_id).effects)
+
+    # -- one enrolment -------------------------------------------------------------------
+    def advance(self, careplan_id: str) -> Advance:
+        """Decide and write what is due for one enrolment, in one transaction."""
+        try:
+            with self.db.write() as conn:
+                ctx, repo = self._context(conn), Repository(conn, ACTOR)
+                repo.lock_rows({("CarePlan", careplan_id)})
+                state_and_protocol = self._load(ctx, repo, careplan_id)
+                if state_and_protocol is None:
+                    return Advance(careplan_id, [])
+                state, protocol = state_and_protocol
+                now = self.clock()
+                effects = decide(protocol, state, now)
+                if effects:
+                    _Writer(ctx, protocol, state, now).apply(effects)
+                return Advance(careplan_id, effects)
+        except FhirError as exc:  # e.g. a Task a partner changed while we decided
+            log.warning("advancing CarePlan/%s was refused (%s); it is retried on the "
+                        "next change", careplan_id, exc)
+            return Advance(careplan_id, [])
+
+    def _load(self, ctx: Context, repo: Repository,
+              careplan_id: str) -> tuple[PlanState, Protocol] | None:
+        version = repo.read("CarePlan", careplan_id)
+        if version is None or version.deleted:
+            return None
+        careplan = version.resource()
+        protocol = self._protocol_of(ctx, repo, careplan)
+        if protocol is None:
+            return None
+        task_ids = match_ids(ctx, repo, "Task", [("based-on", f"CarePlan/{careplan_id}")],
+                             limit=MAX_TASKS_PER_PLAN)
+        tasks = [v.resource() for v in repo.read_many([("Task", i) for i in task_ids]).values()
+                 if not v.deleted]
+        subject = careplan.get("subject", {}).get("reference", "")
+        patient = None
+        if subject.startswith("Patient/"):
+            found = repo.read("Patient", subject.split("/", 1)[1])
+            patient = found.resource() if found and not found.deleted else None
+        return plan_state(careplan, tasks, patient), protocol
+
+    def _protocol_of(self, ctx: Context, repo: Repository,
+                     resource: dict[str, Any]) -> Protocol | None:
+        """The protocol a CarePlan or ServiceRequest instantiates, if it is one we hold."""
+        for canonical in resource.get("instantiatesCanonical", []):
+            url, _, version = canonical.partition("|")
+            criteria = [("url", url), *([("version", version)] if version else [])]
+            ids = match_ids(ctx, repo, "PlanDefinition", criteria, limit=1)
+            if ids:
+                return self._compiled(ctx, repo, ids[0])
+        return None
+
+    def _compiled(self, ctx: Context, repo: Repository, plan_id: str) -> Protocol | None:
+        version = repo.read("PlanDefinition", plan_id)
+        if version is None or version.deleted:
+            return None
+        key = (plan_id, str(version.version))
+        if key not in self._protocols:
+            plan = version.resource()
+            activities = []
+            for action_url in _definitions(plan.get("action", [])):
+                url, _, v = action_url.partition("|")
+                ids = match_ids(ctx, repo, "ActivityDefinition",
+                                [("url", url), *([("version", v)] if v else [])], limit=1)
+                if ids and (found := repo.read("ActivityDefinition", ids[0])):
+                    activities.append(found.resource())
+            try:
+                self._protocols[key] = from_plan_definition(plan, activities)
+            except ProtocolFormError as exc:
+                log.error("PlanDefinition/%s cannot be run: %s", plan_id, exc)
+                return None
+        return self._protocols[key]
+
+    def _enrol_referral(self, request: dict[str, Any]) -> str | None:
+        """A referral ServiceRequest for a protocol we hold gets its CarePlan (once)."""
+        if request.get("status") != "active" or not request.get("instantiatesCanonical"):
+            return None
+        careplan_id = resource_id("CarePlan", request["id"], "enrolment", 1)
+        with self.db.write() as conn:
+            ctx, repo = self._context(conn), Repository(conn, ACTOR)
+            protocol = self._protocol_of(ctx, repo, request)
+            if protocol is None:
+                return None
+            if repo.read("CarePlan", careplan_id) is not None:
+                return careplan_id
+            careplan = {
+                "resourceType": "CarePlan", "status": "active", "intent": "plan",
+                "instantiatesCanonical": [protocol.canonical], "title": protocol.title,
+                "subject": request.get("subject"),
+                "basedOn": [{"reference": f"ServiceRequest/{request['id']}"}],
+                "created": writes.instant(self.clock())}
+            if request.get("requester"):
+                careplan["author"] = request["requester"]
+            written = _write(ctx, "POST", "CarePlan", careplan, assigned_id=careplan_id)
+            _write(ctx, "POST", "Provenance", writes.provenance(
+                [_versioned(written)], _versioned(request), "referral for "
+                f"{protocol.title}: enrolled", "CREATE", self.clock()))
+        return careplan_id
+
+    # -- running beside the server -------------------------------------------------------
+    def serve(self, stop: threading.Event, poll: float = 0.2,
+              deadlines_every: float = 60.0) -> None:
+        """React until `stop` is set; check deadlines every `deadlines_every` seconds."""
+        self.ensure_device()
+        next_deadlines = 0.0
+        while not stop.is_set():
+            try:
+                consumed = self.run_once()
+                if self.clock().timestamp() >= next_deadlines:
+                    self.check_deadlines()
+                    next_deadlines = self.clock().timestamp() + deadlines_every
+            except Exception:  # noqa: BLE001 - keep reacting; the cursor did not move
+                log.exception("orchestrator round failed; retrying")
+                consumed = 0
+            if consumed < self.batch:
+                stop.wait(poll)
+
+    def ensure_device(self) -> None:
+        """The Device every orchestrator Provenance names as its agent."""
+        with self.db.write() as conn:
+            ctx = self._context(conn)
+            if Repository(conn).read("Device", "atm-orchestrator") is None:
+                _write(ctx, "PUT", "Device/atm-orchestrator", writes.orchestrator_device())
+
+
+def _definitions(actions: Iterable[dict[str, Any]]) -> Iterable[str]:
+    for action in actions:
+        if action.get("definitionCanonical"):
+            yield action["definitionCanonical"]
+        yield from _definitions(action.get("action", []))
+
+
+def _write(ctx: Context, method: str, path: str, resource: dict[str, Any],
+           *, assigned_id: str | None = None, if_match: str | None = None) -> dict[str, Any]:
+    """One write through the same services as a client's; the stored resource."""
+    headers = {"if-match": if_match} if if_match else {}
+    response: FhirResponse = dispatch(ctx, FhirRequest(
+        method=method, path=path, headers=headers, body=orjson.dumps(resource),
+        content_type="application/fhir+json", assigned_id=assigned_id))
+    assert response.body is not None
+    stored: dict[str, Any] = orjson.loads(response.body)
+    return stored
+
+
+def _versioned(resource: dict[str, Any]) -> str:
+    reference = f"{resource['resourceType']}/{resource['id']}"
+    version = resource.get("meta", {}).get("versionId")
+    return f"{reference}/_history/{version}" if version else reference
+
+
+class _Writer:
+    """Writes one advance's effects: each effect's resources and its Provenance, then
+    the CarePlan once with every activity and status change."""
+
+    def __init__(self, ctx: Context, protocol: Protocol, state: PlanState,
+                 now: datetime) -> None:
+        self.ctx, self.protocol, self.state, self.now = ctx, protocol, state, now
+        self.careplan = dict(state.careplan)
+        self.careplan_changed = False
+        # Each effect's Provenance: targets, entity, reason, activity, and whether the
+        # CarePlan's new version is among its targets (known once it is written).
+        self.pending: list[tuple[list[str], str | None, str, str, bool]] = []
+
+    def apply(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            self._apply(effect)
+        plan_version = _versioned(self._save_careplan()) if self.careplan_changed else None
+        for targets, entity, reason, activity, touches_plan in self.pending:
+            if touches_plan and plan_version:
+                targets = [*targets, plan_version]
+            _write(self.ctx, "POST", "Provenance",
+                   writes.provenance(targets, entity, reason, activity, self.now))
+
+    def _record(self, written: list[dict[str, Any]], entity: str | None, reason: str,
+                activity: str, *, touches_plan: bool = False) -> None:
+        self.pending.append(([_versioned(r) for r in written], entity, reason, activity,
+                             touches_plan))
+
+    def _apply(self, effect: Effect) -> None:
+        if isinstance(effect, StartStage):
+            written = [_write(self.ctx, "POST", r["resourceType"], r, assigned_id=r["id"])
+                       for r in writes.stage_resources(self.protocol, self.state, effect,
+                                                       self.now)]
+            task = written[-1]
+            self._add_activity({"reference": {"reference": f"Task/{task['id']}",
+                                              "display": task.get("description")}})
+            self._record(written, effect.trigger, effect.reason, "CREATE", touches_plan=True)
+        elif isinstance(effect, SkipStage):
+            self._add_activity(writes.skipped_activity(self.state, self.protocol, effect))
+            self._record([], effect.trigger, effect.reason, "UPDATE", touches_plan=True)
+        elif isinstance(effect, SetTaskStatus):
+            self._record([self._set_status(effect)], _versioned(effect.task), effect.reason,
+                         "UPDATE")
+        elif isinstance(effect, MarkOverdue):
+            task, flag, communication = writes.overdue_resources(self.state, effect, self.now)
+            written = [self._update(task, effect.task),
+                       _write(self.ctx, "POST", "Flag", flag, assigned_id=flag["id"]),
+                       _write(self.ctx, "POST", "Communication", communication,
+                              assigned_id=communication["id"])]
+            self._record(written, _versioned(effect.task), effect.reason, "UPDATE")
+        elif isinstance(effect, HoldPlan | CompletePlan):
+            self._close_plan(effect)
+            self._record([], effect.trigger, effect.reason, "UPDATE", touches_plan=True)
+
+    def _set_status(self, effect: SetTaskStatus) -> dict[str, Any]:
+        task = {**effect.task, "status": effect.status, "lastModified": writes.instant(self.now)}
+        if effect.status == "completed":
+            task["executionPeriod"] = {**task.get("executionPeriod", {}),
+                                       "end": writes.instant(self.now)}
+        else:
+            task["statusReason"] = {"text": effect.reason}
+        task.pop("meta", None)
+        return self._update(task, effect.task)
+
+    def _update(self, task: dict[str, Any], read: dict[str, Any]) -> dict[str, Any]:
+        version = read.get("meta", {}).get("versionId")
+        return _write(self.ctx, "PUT", f"Task/{task['id']}", task,
+                      if_match=f'W/"{version}"' if version else None)
+
+    def _add_activity(self, activity: dict[str, Any]) -> None:
+        self.careplan["activity"] = [*self.careplan.get("activity", []), activity]
+        self.careplan_changed = True
+
+    def _close_plan(self, effect: HoldPlan | CompletePlan) -> None:
+        if isinstance(effect, HoldPlan):
+            self.careplan["status"] = "on-hold"
+        else:
+            self.careplan["status"] = "completed"
+            self.careplan["period"] = {**self.careplan.get("period", {}),
+                                       "end": writes.instant(self.now)}
+        self.careplan["note"] = [*self.careplan.get("note", []),
+                                 {"time": writes.instant(self.now), "text": effect.reason}]
+        self.careplan_changed = True
+
+    def _save_careplan(self) -> dict[str, Any]:
+        careplan = {k: v for k, v in self.careplan.items() if k != "meta"}
+        version = self.state.careplan.get("meta", {}).get("versionId")
+        return _write(self.ctx, "PUT", f"CarePlan/{careplan['id']}", careplan,
+                      if_match=f'W/"{version}"' if version else None)
+
