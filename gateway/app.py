@@ -42,7 +42,10 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
             upgrade(db.engine)
         fhir.warm_up()
         app.state.db = db
-        yield
+        from orchestration.runner import running_beside  # it builds on the services
+
+        with running_beside(db, settings):
+            yield
         observability.ACCESS_LOG.flush()
         db.dispose()
 

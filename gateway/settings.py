@@ -26,6 +26,14 @@ class Settings(BaseSettings):
     max_include: int = 1000
     """Upper bound on resources added by _include/_revinclude to one page."""
     transaction_max_entries: int = 10_000
+    orchestrator: bool = True
+    """Advance enrolments (CarePlans of a loaded protocol) in a thread beside the API."""
+    orchestrator_poll_seconds: float = 0.2
+    """How soon the orchestrator sees a change when it is idle."""
+    deadline_check_seconds: float = 60.0
+    """How often every active enrolment is re-evaluated for passed deadlines."""
+    load_protocols: bool = True
+    """Load the shipped protocols (orchestration/protocols/*.yaml) at start-up."""
     log_level: str = "INFO"
     log_json: bool = True
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,12 +23,13 @@ from sqlalchemy import Connection, select
 
 from gateway.errors import FhirError
 from gateway.services.context import Context, FhirRequest, FhirResponse
+from gateway.services.protocols import plan_definition_id, protocol_from_store
 from gateway.services.router import dispatch
 from gateway.services.search import match_ids
 from gateway.settings import Settings
 from gateway.store.database import Database
 from gateway.store.repository import Actor, Repository
-from gateway.store.schema import change_log, reactor_cursors
+from gateway.store.schema import change_log, reactor_cursors, sp_reference
 from orchestration import writes
 from orchestration.effects import (
     CompletePlan,
@@ -39,7 +41,7 @@ from orchestration.effects import (
     StartStage,
 )
 from orchestration.engine import decide
-from orchestration.protocol import Protocol, ProtocolFormError, from_plan_definition
+from orchestration.protocol import Protocol, ProtocolFormError
 from orchestration.state import PlanState, plan_state, resource_id
 
 log = logging.getLogger("atm.orchestrator")
@@ -102,27 +104,28 @@ class Orchestrator:
         return position
 
     def _enrolments_touched(self, rows: list[Any]) -> list[str]:
-        """CarePlans to re-evaluate: changed ones, those of changed Tasks, and new ones
-        made from referral ServiceRequests. The orchestrator's own writes are left out:
-        each advance goes as far as it can in one pass."""
-        touched: dict[str, None] = {}
-        keys = {(r.res_type, r.res_id) for r in rows if r.actor != ACTOR.name}
+        """CarePlans to re-evaluate: changed ones, those of changed Tasks (found through
+        the based-on index, without reading the Tasks), and new ones made from referral
+        ServiceRequests. The orchestrator's own writes are left out: each advance goes
+        as far as it can in one pass."""
+        theirs = [r for r in rows if r.actor != ACTOR.name]
+        touched = dict.fromkeys(r.res_id for r in theirs if r.res_type == "CarePlan")
+        task_ids = sorted({r.res_id for r in theirs if r.res_type == "Task"})
+        requests = sorted({("ServiceRequest", r.res_id) for r in theirs
+                           if r.res_type == "ServiceRequest"})
         with self.db.read() as conn:
-            current = Repository(conn).read_many(sorted(keys))
-        for (resource_type, resource_id_), version in current.items():
-            if version.deleted:
-                continue
-            if resource_type == "CarePlan":
-                touched[resource_id_] = None
-            elif resource_type == "Task":
-                for ref in version.resource().get("basedOn", []):
-                    if str(ref.get("reference", "")).startswith("CarePlan/"):
-                        touched[ref["reference"].split("/", 1)[1]] = None
-            elif resource_type == "ServiceRequest":
-                enrolled = self._enrol_referral(version.resource())
-                if enrolled:
-                    touched[enrolled] = None
-        return list(touched)
+            for chunk in range(0, len(task_ids), 500):
+                touched.update(dict.fromkeys(conn.execute(
+                    select(sp_reference.c.target_id).distinct().where(
+                        sp_reference.c.res_type == "Task",
+                        sp_reference.c.param == "based-on",
+                        sp_reference.c.target_type == "CarePlan",
+                        sp_reference.c.res_id.in_(task_ids[chunk:chunk + 500]))).scalars()))
+            referrals = Repository(conn).read_many(requests) if requests else {}
+        for version in referrals.values():
+            if not version.deleted and (enrolled := self._enrol_referral(version.resource())):
+                touched[enrolled] = None
+        return [careplan_id for careplan_id in touched if careplan_id]
 
     def _cursor(self) -> int:
         with self.db.read() as conn:
@@ -195,33 +198,18 @@ class Orchestrator:
 
     def _protocol_of(self, ctx: Context, repo: Repository,
                      resource: dict[str, Any]) -> Protocol | None:
-        """The protocol a CarePlan or ServiceRequest instantiates, if it is one we hold."""
-        for canonical in resource.get("instantiatesCanonical", []):
-            url, _, version = canonical.partition("|")
-            criteria = [("url", url), *([("version", version)] if version else [])]
-            ids = match_ids(ctx, repo, "PlanDefinition", criteria, limit=1)
-            if ids:
-                return self._compiled(ctx, repo, ids[0])
-        return None
-
-    def _compiled(self, ctx: Context, repo: Repository, plan_id: str) -> Protocol | None:
-        version = repo.read("PlanDefinition", plan_id)
+        """The protocol a CarePlan or ServiceRequest instantiates, if it is one we hold
+        (compiled once per PlanDefinition version)."""
+        plan_id = plan_definition_id(ctx, repo, resource)
+        version = repo.read("PlanDefinition", plan_id) if plan_id else None
         if version is None or version.deleted:
             return None
-        key = (plan_id, str(version.version))
+        key = (version.id, str(version.version))
         if key not in self._protocols:
-            plan = version.resource()
-            activities = []
-            for action_url in _definitions(plan.get("action", [])):
-                url, _, v = action_url.partition("|")
-                ids = match_ids(ctx, repo, "ActivityDefinition",
-                                [("url", url), *([("version", v)] if v else [])], limit=1)
-                if ids and (found := repo.read("ActivityDefinition", ids[0])):
-                    activities.append(found.resource())
             try:
-                self._protocols[key] = from_plan_definition(plan, activities)
+                self._protocols[key] = protocol_from_store(ctx, repo, version.resource())
             except ProtocolFormError as exc:
-                log.error("PlanDefinition/%s cannot be run: %s", plan_id, exc)
+                log.error("PlanDefinition/%s cannot be run: %s", version.id, exc)
                 return None
         return self._protocols[key]
 
@@ -277,11 +265,23 @@ class Orchestrator:
                 _write(ctx, "PUT", "Device/atm-orchestrator", writes.orchestrator_device())
 
 
-def _definitions(actions: Iterable[dict[str, Any]]) -> Iterable[str]:
-    for action in actions:
-        if action.get("definitionCanonical"):
-            yield action["definitionCanonical"]
-        yield from _definitions(action.get("action", []))
+@contextmanager
+def running_beside(db: Database, settings: Settings) -> Iterator[Orchestrator | None]:
+    """The orchestrator in a thread beside the API while the block runs (if enabled)."""
+    if not settings.orchestrator:
+        yield None
+        return
+    orchestrator = Orchestrator(db, settings)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=orchestrator.serve, name="atm-orchestrator", daemon=True,
+        args=(stop, settings.orchestrator_poll_seconds, settings.deadline_check_seconds))
+    thread.start()
+    try:
+        yield orchestrator
+    finally:
+        stop.set()
+        thread.join(timeout=30)
 
 
 def _write(ctx: Context, method: str, path: str, resource: dict[str, Any],

@@ -97,8 +97,10 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
+    # The orchestrator and the shipped protocols are started by the tests that use them.
     return Settings(database_url=database_url, base_url="http://testserver/fhir",
-                    max_body_bytes=1_000_000, log_json=False)
+                    max_body_bytes=1_000_000, log_json=False, orchestrator=False,
+                    load_protocols=False)
 
 
 @pytest.fixture
@@ -134,7 +136,8 @@ def live_server(database_url: str) -> Iterator[str]:
     """A real uvicorn server on 127.0.0.1 in a thread; yields its FHIR base URL."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}/fhir"
-    settings = Settings(database_url=database_url, base_url=base, log_json=False)
+    settings = Settings(database_url=database_url, base_url=base, log_json=False,
+                        orchestrator=False, load_protocols=False)
     config = uvicorn.Config(create_app(settings, migrate=False), host="127.0.0.1", port=port,
                             log_level="warning", loop="asyncio", lifespan="on")
     server = uvicorn.Server(config)

@@ -1,4 +1,4 @@
-"""Operations ($name): `$validate` at type and instance level.
+"""Operations ($name): `$validate` at type and instance level, `PlanDefinition/{id}/$apply`.
 
 https://hl7.org/fhir/R4/resource-operation-validate.html
 """
@@ -34,6 +34,10 @@ def instance_operation(ctx: Context, request: FhirRequest, resource_type: str,
                        resource_id: str, name: str) -> FhirResponse:
     if name == "validate":
         return validate(ctx, request, resource_type, resource_id)
+    if name == "apply" and resource_type == "PlanDefinition":
+        from gateway.services.protocols import op_apply  # the orchestration engine's view
+
+        return op_apply(ctx, request, resource_id)
     raise _unknown(name)
 
 

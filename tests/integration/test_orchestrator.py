@@ -15,6 +15,7 @@ from gateway.store.database import Database, make_engine
 from orchestration import runner as runner_module
 from orchestration.runner import Orchestrator
 from orchestration.state import KEY_SYSTEM, ROLE_ASSIGNMENT
+from tests.conftest import client_with
 from tests.factories import organization, patient
 from tests.factories.protocols import action, plan_definition
 
@@ -289,3 +290,44 @@ def _wait_for(client: TestClient, careplan_id: str, stage: str) -> None:
     while stage not in tasks_by_stage(client, careplan_id):
         assert datetime.now(UTC) < deadline, f"{stage} never started"
         threading.Event().wait(0.02)
+
+
+def test_served_app_advances_enrolments_by_itself(settings: Settings) -> None:
+    with client_with(settings, orchestrator=True, orchestrator_poll_seconds=0.02) as client:
+        careplan = enrol(client)
+        _wait_for(client, careplan["id"], "intake")
+        set_status(client, tasks_by_stage(client, careplan["id"])["intake"][0], "completed")
+        _wait_for(client, careplan["id"], "consent")
+        assert client.get("/fhir/Device/atm-orchestrator").status_code == 200
+
+
+def test_apply_returns_the_careplan_an_enrolment_would_start_without_storing_it(
+        client: TestClient) -> None:
+    client.put("/fhir/PlanDefinition/qc-therapy", json=QC_PROTOCOL,
+               headers={"content-type": FHIR})
+    response = client.get("/fhir/PlanDefinition/qc-therapy/$apply?subject=Patient/p1")
+    assert response.status_code == 200, response.text
+    plan = response.json()
+    assert plan["resourceType"] == "CarePlan" and plan["status"] == "draft"
+    assert plan["subject"] == {"reference": "Patient/p1"}
+    assert plan["instantiatesCanonical"] == [QC_PROTOCOL["url"] + "|1"]
+    details = {a["detail"]["code"]["text"]: a["detail"] for a in plan["activity"]}
+    assert len(details) == 10 and details["Intake"]["status"] == "not-started"
+    assert "scheduledPeriod" in details["Intake"]
+    assert "scheduledPeriod" not in details["Consent"]
+    posted = client.post("/fhir/PlanDefinition/qc-therapy/$apply", headers={
+        "content-type": FHIR}, json={"resourceType": "Parameters", "parameter": [
+            {"name": "subject", "valueReference": {"reference": "Patient/p2"}}]})
+    assert posted.json()["subject"] == {"reference": "Patient/p2"}
+    assert client.get("/fhir/CarePlan?_summary=count").json()["total"] == 0
+
+
+def test_apply_without_a_subject_is_a_400_naming_it(client: TestClient) -> None:
+    client.put("/fhir/PlanDefinition/qc-therapy", json=QC_PROTOCOL,
+               headers={"content-type": FHIR})
+    response = client.get("/fhir/PlanDefinition/qc-therapy/$apply")
+    assert response.status_code == 400
+    assert response.json() == {"resourceType": "OperationOutcome", "issue": [{
+        "severity": "error", "code": "invalid", "expression": ["subject"],
+        "diagnostics": "$apply needs a subject parameter, e.g. subject=Patient/123"}]}
+    assert client.get("/fhir/PlanDefinition/nope/$apply?subject=Patient/1").status_code == 404
