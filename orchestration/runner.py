@@ -242,10 +242,12 @@ class Orchestrator:
     # -- running beside the server -------------------------------------------------------
     def serve(self, stop: threading.Event, poll: float = 0.2,
               deadlines_every: float = 60.0) -> None:
-        """React until `stop` is set; check deadlines every `deadlines_every` seconds."""
+        """React until `stop` is set: at once after a commit in this process, within
+        `poll` seconds of one made elsewhere; check deadlines every `deadlines_every`."""
         self.ensure_device()
         next_deadlines = 0.0
         while not stop.is_set():
+            self.db.committed.clear()  # before reading: a commit after it wakes the wait
             try:
                 consumed = self.run_once()
                 if self.clock().timestamp() >= next_deadlines:
@@ -254,8 +256,9 @@ class Orchestrator:
             except Exception:  # noqa: BLE001 - keep reacting; the cursor did not move
                 log.exception("orchestrator round failed; retrying")
                 consumed = 0
-            if consumed < self.batch:
                 stop.wait(poll)
+            if consumed < self.batch:
+                self.db.committed.wait(poll)
 
     def ensure_device(self) -> None:
         """The Device every orchestrator Provenance names as its agent."""

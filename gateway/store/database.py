@@ -134,8 +134,9 @@ _LOOP_GROUP: ContextVar[_LoopGroup | None] = ContextVar("atm_loop_group", defaul
 class _GroupCommitter:
     """Runs SQLite writers one at a time on one connection and commits them in groups."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, committed: threading.Event) -> None:
         self._engine = engine
+        self._committed = committed
         self._cond = threading.Condition()
         self._busy = False
         self._waiting = 0
@@ -248,6 +249,8 @@ class _GroupCommitter:
             self._discard_connection()
         self._done[self._group] = outcome
         self._done.pop(self._group - 1000, None)  # forget long-finished groups
+        if outcome is None:
+            self._committed.set()
         self._outer, self._members = None, 0
         self._group += 1
         if self.restart_due and self._conn is not None:
@@ -330,7 +333,10 @@ class Database:
         self.is_sqlite = engine.dialect.name == "sqlite"
         self._local = threading.local()
         self._point_conns: list[Any] = []  # every thread's point-read connection, to close
-        self._writer = _GroupCommitter(engine) if self.is_sqlite else None
+        self.committed = threading.Event()
+        """Set after each commit of a write: reactors to the change log (the orchestrator)
+        wait on it instead of polling, and clear it before they read."""
+        self._writer = _GroupCommitter(engine, self.committed) if self.is_sqlite else None
         self._checkpointer = (_Checkpointer(engine, self._writer)
                               if self._writer is not None else None)
         if self._checkpointer is not None:
@@ -345,6 +351,7 @@ class Database:
             return
         with self._begin(write=True) as conn:
             yield conn
+        self.committed.set()
 
     async def write_on_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` (which writes through `write()`) on the event loop and return once its
