@@ -1,0 +1,153 @@
+"""The FHIR form of a protocol: a PlanDefinition (workflow-definition) whose actions point
+to one ActivityDefinition per stage, as orchestration/PROTOCOLS.md ("The FHIR form") fixes
+it. https://hl7.org/fhir/R4/plandefinition.html, activitydefinition.html
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mappings.protocol_model import KINDS, Duration, OnFailure, Protocol, Ref, Role, Stage
+
+ATM = "https://atm-gateway.org/fhir"
+PARTNER_ROLES = f"{ATM}/CodeSystem/partner-role"
+STAGE_CODES = f"{ATM}/CodeSystem/stage"
+ESCALATION_ROLE = f"{ATM}/StructureDefinition/escalation-role"
+PARTNER_ROLE = f"{ATM}/StructureDefinition/partner-role"
+ON_FAILURE = f"{ATM}/StructureDefinition/on-failure"
+PLAN_TYPES = "http://terminology.hl7.org/CodeSystem/plan-definition-type"
+UCUM = "http://unitsofmeasure.org"
+FHIRPATH = "text/fhirpath"
+
+Json = dict[str, Any]
+
+
+def pascal_case(identifier: str) -> str:
+    """A computer-friendly name: "car-t-autologous" -> "CarTAutologous"."""
+    return "".join(part[:1].upper() + part[1:] for part in identifier.split("-"))
+
+
+def plan_definition_url(protocol_id: str) -> str:
+    return f"{ATM}/PlanDefinition/{protocol_id}"
+
+
+def activity_definition_id(protocol: Protocol, stage: Stage) -> str:
+    return f"{protocol.id}-{stage.id}"
+
+
+def activity_definition_url(protocol: Protocol, stage: Stage) -> str:
+    return f"{ATM}/ActivityDefinition/{activity_definition_id(protocol, stage)}"
+
+
+def _versioned(protocol: Protocol, url: str) -> str:
+    return f"{url}|{protocol.version}" if protocol.version else url
+
+
+def _drop_empty(resource: Json) -> Json:
+    """FHIR JSON has no null values and no empty arrays."""
+    return {key: value for key, value in resource.items() if value not in (None, [], {})}
+
+
+def duration(value: Duration) -> Json:
+    return {"value": value.value, "unit": value.unit, "system": UCUM, "code": value.unit}
+
+
+def _participant(role: Ref | None) -> list[Json]:
+    if role is None:
+        return []
+    return [{"type": "practitioner",
+             "role": {"coding": [{"system": PARTNER_ROLES, "code": role.name}]}}]
+
+
+def _escalation(code: str) -> Json:
+    return {"url": ESCALATION_ROLE, "valueCode": code}
+
+
+def _partner_role(role: Role) -> Json:
+    return {"url": PARTNER_ROLE,
+            "valueCoding": {"system": PARTNER_ROLES, "code": role.code, "display": role.text}}
+
+
+def _on_failure(on_failure: OnFailure) -> Json:
+    return {"url": ON_FAILURE, "extension": [
+        {"url": "back-to", "valueId": on_failure.back_to.name},
+        {"url": "max-repeats", "valueUnsignedInt": on_failure.max_repeats},
+    ]}
+
+
+def plan_definition(protocol: Protocol) -> Json:
+    extensions = [_partner_role(role) for role in protocol.roles]
+    if protocol.escalation is not None:
+        extensions.append(_escalation(protocol.escalation.name))
+    return _drop_empty({
+        "resourceType": "PlanDefinition",
+        "id": protocol.id,
+        "extension": extensions,
+        "url": plan_definition_url(protocol.id),
+        "version": protocol.version,
+        "name": pascal_case(protocol.id),
+        "title": protocol.title,
+        "type": {"coding": [{"system": PLAN_TYPES, "code": "workflow-definition",
+                             "display": "Workflow Definition"}]},
+        "status": "active",
+        "description": protocol.description,
+        "action": [action(protocol, stage) for stage in protocol.stages],
+    })
+
+
+def action(protocol: Protocol, stage: Stage) -> Json:
+    extensions = []
+    if stage.escalate is not None:
+        extensions.append(_escalation(stage.escalate.name))
+    if stage.on_failure is not None:
+        extensions.append(_on_failure(stage.on_failure))
+    return _drop_empty({
+        "id": stage.id,
+        "extension": extensions,
+        "title": stage.display,
+        "description": stage.description,
+        "condition": _condition(stage.when),
+        "relatedAction": _related_actions(stage),
+        "timingDuration": duration(stage.deadline) if stage.deadline else None,
+        "participant": _participant(stage.role),
+        "definitionCanonical": _versioned(protocol, activity_definition_url(protocol, stage)),
+        "action": [action(protocol, step) for step in stage.steps],
+    })
+
+
+def _condition(expression: str | None) -> list[Json]:
+    if expression is None:
+        return []
+    return [{"kind": "applicability",
+             "expression": {"language": FHIRPATH, "expression": expression}}]
+
+
+def _related_actions(stage: Stage) -> list[Json]:
+    related = [_related(after.stage.name, "after-end", after.gap) for after in stage.after]
+    if stage.ends_before is not None:
+        related.append(_related(stage.ends_before.stage.name, "before-start",
+                                stage.ends_before.by))
+    return related
+
+
+def _related(action_id: str, relationship: str, offset: Duration | None) -> Json:
+    return _drop_empty({"actionId": action_id, "relationship": relationship,
+                        "offsetDuration": duration(offset) if offset else None})
+
+
+def activity_definition(protocol: Protocol, stage: Stage) -> Json:
+    return _drop_empty({
+        "resourceType": "ActivityDefinition",
+        "id": activity_definition_id(protocol, stage),
+        "url": activity_definition_url(protocol, stage),
+        "version": protocol.version,
+        "name": pascal_case(activity_definition_id(protocol, stage)),
+        "title": stage.display,
+        "status": "active",
+        "description": stage.description,
+        "kind": KINDS[stage.kind],
+        "code": {"coding": [{"system": STAGE_CODES, "code": stage.id,
+                             "display": stage.display}]},
+        "timingDuration": duration(stage.deadline) if stage.deadline else None,
+        "participant": _participant(stage.role),
+    })

@@ -1,0 +1,124 @@
+"""The protocol authoring format as typed values, each remembering its line in the YAML.
+
+See orchestration/PROTOCOLS.md. Reading (protocol_yaml), cross-checks (protocol_checks)
+and the FHIR form (protocol_fhir) all work on these values.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+ID_PATTERN = re.compile(r"[a-z0-9-]{1,64}")
+KINDS = {"task": "Task", "service-request": "ServiceRequest", "appointment": "Appointment"}
+MAX_REPEATS = range(1, 11)
+FHIR_ID_LENGTH = 64
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    """One mistake in a protocol file, at a 1-based line."""
+
+    line: int
+    message: str
+
+    def format(self, source: str) -> str:
+        return f"{source}:{self.line}: {self.message}"
+
+
+class ProtocolError(ValueError):
+    """A protocol file that cannot be compiled; carries every problem found in it."""
+
+    def __init__(self, problems: list[Problem], source: str = "<protocol>") -> None:
+        self.problems = sorted(problems)
+        self.source = source
+        super().__init__("\n".join(p.format(source) for p in self.problems))
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A name that must resolve elsewhere (a stage or a role), and where it was written."""
+
+    name: str
+    line: int
+
+
+@dataclass(frozen=True)
+class Duration:
+    """A UCUM duration: `value` in `unit` (min, h, d or wk)."""
+
+    value: int | float
+    unit: str
+
+
+@dataclass(frozen=True)
+class After:
+    stage: Ref
+    gap: Duration | None = None
+
+
+@dataclass(frozen=True)
+class EndsBefore:
+    stage: Ref
+    by: Duration | None = None
+
+
+@dataclass(frozen=True)
+class OnFailure:
+    back_to: Ref
+    max_repeats: int
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage; `id` is "" when the file gave none (a problem is reported for it)."""
+
+    id: str
+    line: int
+    title: str | None = None
+    description: str | None = None
+    kind: str = "task"
+    role: Ref | None = None
+    deadline: Duration | None = None
+    after: tuple[After, ...] = ()
+    ends_before: EndsBefore | None = None
+    when: str | None = None
+    escalate: Ref | None = None
+    on_failure: OnFailure | None = None
+    steps: tuple[Stage, ...] = ()
+
+    @property
+    def display(self) -> str:
+        """The title, or one made from the id ("qc-release" -> "Qc release")."""
+        return self.title or self.id.replace("-", " ").capitalize()
+
+
+@dataclass(frozen=True)
+class Role:
+    code: str
+    text: str
+    line: int
+
+
+@dataclass(frozen=True)
+class Protocol:
+    id: str
+    line: int
+    version: str | None = None
+    title: str | None = None
+    description: str | None = None
+    roles: tuple[Role, ...] = ()
+    escalation: Ref | None = None
+    stages: tuple[Stage, ...] = ()
+
+    def all_stages(self) -> list[Stage]:
+        """Every stage, sub-stages included, in document order."""
+        found: list[Stage] = []
+
+        def walk(stages: tuple[Stage, ...]) -> None:
+            for stage in stages:
+                found.append(stage)
+                walk(stage.steps)
+
+        walk(self.stages)
+        return found

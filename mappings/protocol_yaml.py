@@ -1,0 +1,303 @@
+"""Reading the protocol authoring format (orchestration/PROTOCOLS.md) from YAML.
+
+Values are read from PyYAML's composed nodes (yaml.SafeLoader), not from constructed
+Python objects, so that every problem can name its line. Reading reports what is wrong
+in one place (a key, a value, a duration, a FHIRPath); protocol_checks reports what is
+wrong between places (references, roles, cycles).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from mappings.fhirpath_syntax import syntax_error
+from mappings.protocol_model import (
+    ID_PATTERN,
+    KINDS,
+    MAX_REPEATS,
+    After,
+    Duration,
+    EndsBefore,
+    OnFailure,
+    Problem,
+    Protocol,
+    Ref,
+    Role,
+    Stage,
+)
+
+PROTOCOL_KEYS = ("protocol", "version", "title", "description", "roles", "escalation",
+                 "stages")
+STAGE_KEYS = ("id", "title", "description", "kind", "role", "deadline", "after",
+              "ends-before", "when", "escalate", "on-failure", "steps")
+AFTER_KEYS = ("stage", "gap")
+ENDS_BEFORE_KEYS = ("stage", "by")
+ON_FAILURE_KEYS = ("back-to", "max-repeats")
+DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(min|h|d|wk)")
+DURATION_HELP = "write a number and a unit: 30min, 12h, 3d or 2wk"
+NULL = "tag:yaml.org,2002:null"
+INT = "tag:yaml.org,2002:int"
+
+
+def read_protocol(text: str) -> tuple[Protocol | None, list[Problem]]:
+    """The protocol in `text` (None when it has no readable shape) and the problems found
+    while reading it."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        return None, [Problem(line, f"not valid YAML: {exc.problem or exc.context}")]
+    except yaml.YAMLError as exc:
+        return None, [Problem(1, f"not valid YAML: {exc}")]
+    reader = _Reader()
+    return reader.protocol(root), reader.problems
+
+
+def _line(node: Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def _is_null(node: Node | None) -> bool:
+    return node is None or (isinstance(node, ScalarNode) and node.tag == NULL)
+
+
+def _shape(node: Node) -> str:
+    return "list" if isinstance(node, SequenceNode) else "mapping"
+
+
+def _peek(node: MappingNode, key: str) -> Node | None:
+    for key_node, value in node.value:
+        if isinstance(key_node, ScalarNode) and key_node.value == key:
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+def _suggest(name: str, keys: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else f" (expected one of: {', '.join(keys)})"
+
+
+class _Reader:
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def report(self, where: Node | int, message: str) -> None:
+        self.problems.append(Problem(where if isinstance(where, int) else _line(where),
+                                     message))
+
+    # -- generic values --------------------------------------------------------------
+    def fields(self, node: Node, keys: tuple[str, ...], what: str) -> dict[str, Node]:
+        """The known keys of a mapping; unknown and repeated keys are reported."""
+        if not isinstance(node, MappingNode):
+            self.report(node, f"{what} must be a mapping")
+            return {}
+        found: dict[str, Node] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, ScalarNode) else None
+            if name is None:
+                self.report(key, f"a key in {what} must be text")
+            elif name in found:
+                self.report(key, f"`{name}` is given twice in {what}")
+            elif name not in keys:
+                self.report(key, f"unknown key `{name}` in {what}{_suggest(name, keys)}")
+            else:
+                found[name] = value
+        return found
+
+    def text(self, node: Node | None, what: str) -> str | None:
+        if node is None or _is_null(node):
+            return None
+        if isinstance(node, ScalarNode):
+            return str(node.value)
+        self.report(node, f"`{what}` must be text, not a {_shape(node)}")
+        return None
+
+    def ident(self, node: Node | None, what: str) -> str | None:
+        value = self.text(node, what)
+        if value is not None and node is not None and not ID_PATTERN.fullmatch(value):
+            self.report(node, f"`{what}` '{value}' must be 1 to 64 lower-case letters, "
+                        "digits or hyphens")
+        return value
+
+    def ref(self, node: Node | None, what: str) -> Ref | None:
+        value = self.text(node, what)
+        return Ref(value, _line(node)) if value is not None and node is not None else None
+
+    def duration(self, node: Node | None, what: str) -> Duration | None:
+        raw = self.text(node, what)
+        if raw is None or node is None:
+            return None
+        match = DURATION.fullmatch(raw.strip())
+        if match is None:
+            self.report(node, f"`{what}`: cannot read duration '{raw}' ({DURATION_HELP})")
+            return None
+        number, unit = match.groups()
+        return Duration(float(number) if "." in number else int(number), unit)
+
+    # -- the protocol ----------------------------------------------------------------
+    def protocol(self, root: Node | None) -> Protocol | None:
+        if root is None:
+            self.report(1, "missing `protocol` (the protocol's id)")
+            self.report(1, "missing `stages`")
+            return None
+        found = self.fields(root, PROTOCOL_KEYS, "the protocol")
+        if not isinstance(root, MappingNode):
+            return None
+        for key, what in (("protocol", "`protocol` (the protocol's id)"),
+                          ("stages", "`stages`")):
+            if _is_null(found.get(key)):
+                self.report(found.get(key) or root, f"missing {what}")
+        id_node = found.get("protocol")
+        return Protocol(
+            id=self.ident(id_node, "protocol") or "",
+            line=_line(id_node) if id_node is not None else _line(root),
+            version=self.text(found.get("version"), "version"),
+            title=self.text(found.get("title"), "title"),
+            description=self.text(found.get("description"), "description"),
+            roles=self.roles(found.get("roles")),
+            escalation=self.ref(found.get("escalation"), "escalation"),
+            stages=self.stage_list(found.get("stages"), "stages"),
+        )
+
+    def roles(self, node: Node | None) -> tuple[Role, ...]:
+        if node is None or _is_null(node):
+            return ()
+        if not isinstance(node, MappingNode):
+            self.report(node, "`roles` must be a mapping of role code to description")
+            return ()
+        roles: dict[str, Role] = {}
+        for key, value in node.value:
+            code = self.ident(key, "roles") if isinstance(key, ScalarNode) else None
+            if code is None:
+                self.report(key, "a role code must be text")
+            elif code in roles:
+                self.report(key, f"role '{code}' is declared twice")
+            else:
+                roles[code] = Role(code, self.text(value, f"roles.{code}") or code, _line(key))
+        return tuple(roles.values())
+
+    # -- stages ----------------------------------------------------------------------
+    def stage_list(self, node: Node | None, what: str) -> tuple[Stage, ...]:
+        if node is None or _is_null(node):
+            return ()
+        if not isinstance(node, SequenceNode):
+            self.report(node, f"`{what}` must be a list of stages")
+            return ()
+        if not node.value:
+            self.report(node, f"`{what}` is empty")
+        stages = (self.stage(item) for item in node.value)
+        return tuple(stage for stage in stages if stage is not None)
+
+    def stage(self, node: Node) -> Stage | None:
+        if not isinstance(node, MappingNode):
+            self.report(node, "a stage must be a mapping with an `id`")
+            return None
+        id_node = _peek(node, "id")
+        stage_id = self.ident(id_node, "id")
+        if _is_null(id_node):
+            self.report(id_node or node, "a stage needs an `id`")
+        found = self.fields(node, STAGE_KEYS, f"stage '{stage_id}'" if stage_id else "a stage")
+        return Stage(
+            id=stage_id or "",
+            line=_line(id_node) if id_node is not None else _line(node),
+            title=self.text(found.get("title"), "title"),
+            description=self.text(found.get("description"), "description"),
+            kind=self.kind(found.get("kind")),
+            role=self.ref(found.get("role"), "role"),
+            deadline=self.deadline(found.get("deadline")),
+            after=self.after(found.get("after")),
+            ends_before=self.ends_before(found.get("ends-before")),
+            when=self.when(found.get("when")),
+            escalate=self.ref(found.get("escalate"), "escalate"),
+            on_failure=self.on_failure(found.get("on-failure")),
+            steps=self.stage_list(found.get("steps"), "steps"),
+        )
+
+    def kind(self, node: Node | None) -> str:
+        kind = self.text(node, "kind")
+        if kind is None or node is None:
+            return "task"
+        if kind not in KINDS:
+            self.report(node, f"`kind` must be task, service-request or appointment, "
+                        f"not '{kind}'")
+            return "task"
+        return kind
+
+    def deadline(self, node: Node | None) -> Duration | None:
+        deadline = self.duration(node, "deadline")
+        if deadline is not None and node is not None and deadline.value == 0:
+            self.report(node, "`deadline` must be longer than 0")
+            return None
+        return deadline
+
+    def when(self, node: Node | None) -> str | None:
+        expression = self.text(node, "when")
+        if expression is None or node is None:
+            return None
+        error = syntax_error(expression)
+        if error is not None:
+            self.report(node, f"`when` is not valid FHIRPath: {error}")
+        return expression
+
+    def after(self, node: Node | None) -> tuple[After, ...]:
+        if node is None or _is_null(node):
+            return ()
+        items = node.value if isinstance(node, SequenceNode) else [node]
+        found = []
+        for item in items:
+            if isinstance(item, MappingNode):
+                fields = self.fields(item, AFTER_KEYS, "an `after` entry")
+                stage = self.ref(fields.get("stage"), "stage")
+                if stage is None:
+                    self.report(item, "an `after` entry needs a `stage`")
+                    continue
+                found.append(After(stage, self.duration(fields.get("gap"), "gap")))
+            else:
+                stage = self.ref(item, "after")
+                if stage is not None:
+                    found.append(After(stage))
+        return tuple(found)
+
+    def ends_before(self, node: Node | None) -> EndsBefore | None:
+        if node is None or _is_null(node):
+            return None
+        if isinstance(node, ScalarNode):
+            stage = self.ref(node, "ends-before")
+            return EndsBefore(stage) if stage is not None else None
+        fields = self.fields(node, ENDS_BEFORE_KEYS, "`ends-before`")
+        stage = self.ref(fields.get("stage"), "stage")
+        if stage is None:
+            if isinstance(node, MappingNode):
+                self.report(node, "`ends-before` needs a `stage`")
+            return None
+        return EndsBefore(stage, self.duration(fields.get("by"), "by"))
+
+    def on_failure(self, node: Node | None) -> OnFailure | None:
+        if node is None or _is_null(node):
+            return None
+        fields = self.fields(node, ON_FAILURE_KEYS, "`on-failure`")
+        if not isinstance(node, MappingNode):
+            return None
+        back_to = self.ref(fields.get("back-to"), "back-to")
+        if back_to is None:
+            self.report(node, "`on-failure` needs `back-to` (the stage to re-run from)")
+        repeats = self.max_repeats(fields.get("max-repeats"), node)
+        # Kept with a bad max-repeats (reported above, as 0) so that back-to is checked too.
+        return OnFailure(back_to, repeats or 0) if back_to is not None else None
+
+    def max_repeats(self, node: Node | None, parent: Node) -> int | None:
+        if node is None or _is_null(node):
+            self.report(parent, "`on-failure` needs `max-repeats` (1 to 10): a loop needs "
+                        "an exit")
+            return None
+        value = node.value if isinstance(node, ScalarNode) and node.tag == INT else None
+        if value is None or not value.isdigit() or int(value) not in MAX_REPEATS:
+            shown = f"'{node.value}'" if isinstance(node, ScalarNode) else f"a {_shape(node)}"
+            self.report(node, f"`max-repeats` must be a whole number from 1 to 10, not {shown}")
+            return None
+        return int(value)
