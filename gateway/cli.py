@@ -1,14 +1,20 @@
-"""The `atm` command: serve the gateway, manage its database."""
+"""The `atm` command: serve the gateway, manage its database, load therapy protocols."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from mappings.protocols import CompiledProtocol
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -16,6 +22,9 @@ app = typer.Typer(help="ATM Gateway: FHIR gateway and orchestrator for advanced 
                   no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+protocols_app = typer.Typer(help="Therapy protocols: check, compile and load YAML protocols "
+                            "(orchestration/PROTOCOLS.md).", no_args_is_help=True)
+app.add_typer(protocols_app, name="protocols")
 
 
 @app.command()
@@ -31,6 +40,11 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on"),
     settings = get_settings()
     if workers > 1 and settings.is_sqlite:
         raise typer.BadParameter("several workers need PostgreSQL (ATM_DATABASE_URL)")
+    base = f"http://{host}:{port}/fhir"
+    typer.echo(f"ATM Gateway: FHIR R4 at {base}"
+               + (", the orchestrator advancing enrolments" if settings.orchestrator else "")
+               + (", the shipped protocols loaded" if settings.load_protocols else "")
+               + f".\nWatch whole therapy journeys: atm demo --server {base}")
     with shared_metrics(workers):
         uvicorn.run("gateway.app:create_app", factory=True, host=host, port=port,
                     workers=workers, loop="uvloop", http="httptools", access_log=False,
@@ -57,6 +71,52 @@ def shared_metrics(workers: int) -> Iterator[None]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@app.command()
+def orchestrate(poll: float = typer.Option(0.5, help="Seconds between looks at the change "
+                                           "log when idle")) -> None:
+    """Run only the orchestrator against ATM_DATABASE_URL (more of them, or beside
+    `atm serve --workers N`, share the work safely). Stops on Ctrl-C or SIGTERM."""
+    import signal
+    import threading
+
+    from gateway.settings import get_settings
+    from gateway.store.database import Database, make_engine
+    from orchestration.runner import Orchestrator
+
+    settings = get_settings()
+    db = Database(make_engine(settings))
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    typer.echo(f"orchestrating enrolments in {_database_name()}")
+    try:
+        Orchestrator(db, settings).serve(stop, poll, settings.deadline_check_seconds)
+    finally:
+        db.dispose()
+
+
+@app.command()
+def demo(server: str = typer.Option("http://127.0.0.1:8080/fhir", help="FHIR base URL of "
+                                    "a running `atm serve`"),
+         patients: int = typer.Option(3, min=1, max=50, help="Synthetic patients, spread "
+                                      "over the server's protocols"),
+         timeout: float = typer.Option(300.0, help="Give up after this many seconds "
+                                       "without every journey finished")) -> None:
+    """Play whole therapy journeys against a running server: enrol patients, act as
+    every partner (one QC release fails and is repeated), and sum up."""
+    import httpx
+
+    from orchestration.demo import DemoError, run_demo
+
+    try:
+        summary = run_demo(server, patients, typer.echo, timeout=timeout)
+    except (DemoError, httpx.HTTPError) as exc:
+        typer.echo(f"demo stopped: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo("")
+    typer.echo("\n".join(summary))
+
+
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply schema migrations to ATM_DATABASE_URL."""
@@ -68,6 +128,180 @@ def db_upgrade() -> None:
     upgrade(engine)
     engine.dispose()
     typer.echo("database is at the newest schema")
+
+
+# -- protocols ---------------------------------------------------------------------------
+ProtocolFiles = Annotated[list[Path], typer.Argument(
+    exists=True, dir_okay=False, readable=True, metavar="FILE", help="Protocol YAML files")]
+
+
+def _compile(path: Path) -> tuple[CompiledProtocol | None, list[str]]:
+    """A protocol file's FHIR form, or the "FILE:LINE: message" lines of its problems."""
+    from mappings.protocols import ProtocolError, compile_protocol
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return None, [f"{path}:1: not UTF-8 text"]
+    try:
+        return compile_protocol(text, str(path)), []
+    except ProtocolError as exc:
+        return None, [p.format(str(path)) for p in exc.problems]
+
+
+def _compile_all(files: list[Path]) -> list[CompiledProtocol]:
+    """Every file's FHIR form; with any problem, they are printed and the command fails."""
+    compiled, problems = [], []
+    for path in files:
+        protocol, found = _compile(path)
+        problems += found
+        if protocol is not None:
+            compiled.append(protocol)
+    if problems:
+        typer.echo("\n".join(problems), err=True)
+        raise typer.Exit(1)
+    return compiled
+
+
+@protocols_app.command("validate")
+def protocols_validate(files: ProtocolFiles) -> None:
+    """Check protocol files; print every problem with its line (exit 1 if any)."""
+    failed = False
+    for path in files:
+        protocol, problems = _compile(path)
+        if protocol is None:
+            failed = True
+            typer.echo("\n".join(problems))
+        else:
+            typer.echo(f"{path}: ok ({len(protocol.activity_definitions)} stages)")
+    if failed:
+        raise typer.Exit(1)
+
+
+@protocols_app.command("compile")
+def protocols_compile(
+        file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True,
+                                             metavar="FILE", help="A protocol YAML file")],
+        output: Annotated[Path | None, typer.Option("--output", "-o",
+                                                    help="Write the Bundle here")] = None,
+) -> None:
+    """Print (or write) the protocol's FHIR form as a transaction Bundle."""
+    (protocol,) = _compile_all([file])
+    text = json.dumps(protocol.bundle(), indent=2, ensure_ascii=False) + "\n"
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    output.write_text(text, encoding="utf-8")
+    typer.echo(f"wrote {output}: PlanDefinition/{protocol.id} and "
+               f"{len(protocol.activity_definitions)} ActivityDefinitions")
+
+
+@protocols_app.command("load")
+def protocols_load(
+        files: ProtocolFiles,
+        server: Annotated[str | None, typer.Option(
+            help="FHIR base URL to POST to; without it, the protocols go into "
+            "ATM_DATABASE_URL")] = None,
+) -> None:
+    """Store protocols (PUT by id: loading again replaces them), one transaction each."""
+    protocols = _compile_all(files)
+    bundles = [p.bundle() for p in protocols]
+    answers = _post_bundles(server, bundles) if server else _store_bundles(bundles)
+    target = server or _database_name()
+    # Each line as its protocol is stored: a later failure leaves the earlier ones loaded.
+    for path, protocol, answer in zip(files, protocols, answers, strict=True):
+        typer.echo(f"{path}: {_loaded(protocol, answer)} into {target}")
+
+
+def _loaded(protocol: CompiledProtocol, answer: dict[str, Any]) -> str:
+    """"PlanDefinition/x|1.0 (created) and 12 ActivityDefinitions (12 created)"."""
+    outcomes = [_outcome(entry) for entry in answer.get("entry", [])]
+    counts: dict[str, int] = {}
+    for outcome in outcomes[1:]:
+        counts[outcome] = counts.get(outcome, 0) + 1
+    version = protocol.protocol.version
+    plan = f"PlanDefinition/{protocol.id}" + (f"|{version}" if version else "")
+    activities = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
+    return (f"loaded {plan} ({outcomes[0] if outcomes else '?'}) and "
+            f"{len(protocol.activity_definitions)} ActivityDefinitions ({activities})")
+
+
+def _outcome(entry: dict[str, Any]) -> str:
+    status = str(entry.get("response", {}).get("status", ""))
+    return {"201": "created", "200": "updated"}.get(status[:3], status or "?")
+
+
+def _database_name() -> str:
+    from sqlalchemy.engine import make_url
+
+    from gateway.settings import get_settings
+
+    return make_url(get_settings().database_url).render_as_string(hide_password=True)
+
+
+def _post_bundles(server: str, bundles: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """POST each transaction Bundle to a FHIR server's base; yield each response Bundle."""
+    import httpx
+
+    with httpx.Client(timeout=60) as client:
+        for bundle in bundles:
+            try:
+                response = client.post(server.rstrip("/"), content=json.dumps(bundle),
+                                       headers={"Content-Type": "application/fhir+json",
+                                                "Accept": "application/fhir+json"})
+            except httpx.HTTPError as exc:
+                _fail(f"cannot reach {server}: {exc}")
+            if response.status_code >= 300:
+                _fail(f"{server} refused the protocol ({response.status_code}): "
+                      f"{_diagnostics(response.text)}")
+            yield response.json()
+
+
+def _store_bundles(bundles: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Replay each transaction Bundle through the gateway's own services, as `atm serve`
+    would for a POST to its base (SQLite databases are migrated first, as there); yield
+    each response Bundle."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from gateway.errors import FhirError
+    from gateway.services.context import Context, FhirRequest
+    from gateway.services.router import handle
+    from gateway.settings import get_settings
+    from gateway.store.database import Database, make_engine
+    from gateway.store.migrate import upgrade
+    from gateway.store.repository import Actor
+
+    settings = get_settings()
+    db = Database(make_engine(settings))
+    ctx = Context(db=db, settings=settings, base_url=settings.base_url or "",
+                  actor=Actor(name="atm protocols load"))
+    try:
+        if settings.is_sqlite:
+            upgrade(db.engine)
+        for bundle in bundles:
+            response = handle(ctx, FhirRequest("POST", "", resource=bundle))
+            yield json.loads(response.body or b"{}")
+    except FhirError as exc:
+        _fail(f"the gateway refused the protocol ({exc.status}): "
+              + "; ".join(issue.diagnostics for issue in exc.issues))
+    except SQLAlchemyError as exc:
+        _fail(f"cannot write to the database ({type(exc).__name__}); is its schema "
+              "up to date (atm db upgrade)?")
+    finally:
+        db.dispose()
+
+
+def _diagnostics(body: str) -> str:
+    try:
+        issues = json.loads(body).get("issue", [])
+        return "; ".join(str(i.get("diagnostics") or i.get("code")) for i in issues) or body
+    except (ValueError, AttributeError):
+        return body[:500]
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(message, err=True)
+    raise typer.Exit(1)
 
 
 if __name__ == "__main__":
