@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,6 +19,7 @@ from gateway.settings import Settings, get_settings
 from gateway.store.database import Database, make_engine
 from gateway.store.migrate import upgrade
 
+log = logging.getLogger("atm.app")
 EXPOSED = ["ETag", "Location", "Content-Location", "Last-Modified", "X-Request-ID"]
 # What the FHIR routes' request and response bodies refer to: any R4 resource as JSON; the
 # server validates it against its resourceType, which no single JSON Schema here could.
@@ -44,6 +46,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
         app.state.db = db
         from orchestration.runner import running_beside  # it builds on the services
 
+        if settings.load_protocols:
+            _load_shipped_protocols(db, settings)
         with running_beside(db, settings):
             yield
         observability.ACCESS_LOG.flush()
@@ -63,6 +67,17 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
     observability.install(app, settings, lambda inner: _front(app, settings, inner))
     app.openapi = _openapi_with_resource_schema(app)  # type: ignore[method-assign]
     return app
+
+
+def _load_shipped_protocols(db: Database, settings: Settings) -> None:
+    from gateway.services.context import Context
+    from gateway.services.protocols import load_shipped
+    from gateway.store.repository import Actor
+
+    ctx = Context(db=db, settings=settings, base_url=settings.base_url or "",
+                  actor=Actor(name="atm serve"))
+    for plan_id in load_shipped(ctx):
+        log.info("loaded protocol PlanDefinition/%s", plan_id)
 
 
 def _front(app: FastAPI, settings: Settings, inner: ASGIApp) -> ASGIApp:

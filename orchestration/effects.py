@@ -38,6 +38,7 @@ class SetTaskStatus:
     task: dict[str, Any]
     status: str
     reason: str
+    at: datetime | None = None  # when it ended: a parent ends with its last sub-stage
 
 
 @dataclass(frozen=True)

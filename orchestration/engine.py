@@ -201,11 +201,15 @@ class _Evaluation:
         return True
 
     def _complete_parent(self, stage: Stage, run: Run | None) -> bool:
+        """A stage with sub-stages is done when they are, and ended when the last did."""
         assert run is not None
-        self.runs[stage.id] = replace(run, outcome="done", finished_at=self.now)
+        ends = [r.finished_at for c in stage.children
+                if (r := self.runs.get(c)) and r.finished_at is not None]
+        ended = max(ends) if ends else self.now
+        self.runs[stage.id] = replace(run, outcome="done", finished_at=ended)
         if run.task and "resourceType" in run.task:
             self.effects.append(SetTaskStatus(stage.id, run.task, "completed",
-                                              f"all sub-stages of {stage.id} are done"))
+                                              f"all sub-stages of {stage.id} are done", ended))
         return True
 
     def _after_failure(self, stage: Stage, run: Run | None) -> bool:

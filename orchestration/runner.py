@@ -363,7 +363,7 @@ class _Writer:
         task = {**effect.task, "status": effect.status, "lastModified": writes.instant(self.now)}
         if effect.status == "completed":
             task["executionPeriod"] = {**task.get("executionPeriod", {}),
-                                       "end": writes.instant(self.now)}
+                                       "end": writes.instant(effect.at or self.now)}
         else:
             task["statusReason"] = {"text": effect.reason}
         task.pop("meta", None)

@@ -134,10 +134,18 @@ def _free_port() -> int:
 @pytest.fixture
 def live_server(database_url: str) -> Iterator[str]:
     """A real uvicorn server on 127.0.0.1 in a thread; yields its FHIR base URL."""
+    with running_server(database_url) as base:
+        yield base
+
+
+@contextmanager
+def running_server(database_url: str, **overrides: Any) -> Iterator[str]:
+    """A real uvicorn server on 127.0.0.1 in a thread, without the orchestrator unless
+    `overrides` says otherwise; yields its FHIR base URL."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}/fhir"
     settings = Settings(database_url=database_url, base_url=base, log_json=False,
-                        orchestrator=False, load_protocols=False)
+                        **{"orchestrator": False, "load_protocols": False, **overrides})
     config = uvicorn.Config(create_app(settings, migrate=False), host="127.0.0.1", port=port,
                             log_level="warning", loop="asyncio", lifespan="on")
     server = uvicorn.Server(config)
@@ -148,9 +156,11 @@ def live_server(database_url: str) -> Iterator[str]:
         if time.monotonic() > deadline:
             raise RuntimeError("test server did not start")
         time.sleep(0.02)
-    yield base
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 @pytest.fixture(params=["driven", "walked"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from gateway import jsonio
@@ -127,3 +128,29 @@ def _apply_parameters(request: FhirRequest) -> tuple[str, str | None]:
 
 def _located(kind: type[FhirError], message: str, expression: str) -> FhirError:
     return kind(message, issues=[Issue(kind.code, message, expression=(expression,))])
+
+
+# -- the shipped protocols -------------------------------------------------------------
+SHIPPED = Path(__file__).resolve().parents[2] / "orchestration" / "protocols"
+
+
+def load_shipped(ctx: Context, directory: Path = SHIPPED) -> list[str]:
+    """Store the protocols shipped as YAML (each as one transaction) unless the stored
+    PlanDefinition is already the same; the ids of those written."""
+    from gateway.services.router import handle
+    from mappings.protocols import compile_protocol
+
+    written = []
+    for path in sorted(directory.glob("*.yaml")):
+        compiled = compile_protocol(path.read_text(encoding="utf-8"), str(path))
+        current = ctx.point_read("PlanDefinition", compiled.id)
+        if current is not None and not current.deleted and _same(current.resource(),
+                                                                 compiled.plan_definition):
+            continue
+        handle(ctx, FhirRequest("POST", "", resource=compiled.bundle()))
+        written.append(compiled.id)
+    return written
+
+
+def _same(stored: dict[str, Any], new: dict[str, Any]) -> bool:
+    return {k: v for k, v in stored.items() if k != "meta"} == new

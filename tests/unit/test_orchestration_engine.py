@@ -180,8 +180,8 @@ def test_sub_stages_start_with_their_parent_and_complete_it() -> None:
     effects = run(proto, task("prep", "completed", finished=DONE), task("treatment", "ready"),
                   task("infusion", "completed", finished=DONE),
                   task("observation", "completed", finished=DONE))
-    assert [(e.stage, e.status) for e in effects if isinstance(e, SetTaskStatus)] == [
-        ("treatment", "completed")]
+    assert [(e.stage, e.status, e.at) for e in effects if isinstance(e, SetTaskStatus)] == [
+        ("treatment", "completed", DONE)]  # ended when its last sub-stage did
     assert started(effects) == [("follow-up", 1)]
 
 

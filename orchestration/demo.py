@@ -1,0 +1,226 @@
+"""`atm demo`: whole therapy journeys against a running gateway, over HTTP.
+
+It enrols synthetic patients in the protocols the server holds, then plays every partner:
+each open Task is started and completed (one QC release fails once, so the journey goes
+back to collection), with execution times on a simulated clock so that the lead times and
+vein-to-vein days are those of a real journey. The orchestrator inside the server does the
+rest; the demo only watches it, prints each step as it happens, and sums up at the end.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+
+from orchestration.protocol import Protocol, from_plan_definition
+from orchestration.state import KEY_SYSTEM, ROLE_ASSIGNMENT, parse_instant
+
+FHIR_JSON = "application/fhir+json"
+COLLECTION_STAGES = ("apheresis", "collection")  # where the patient's cells are taken
+FAILING_STAGE = "qc-release"
+NAMES = [("Durand", "Élodie"), ("Okafor", "Chidi"), ("Lindqvist", "Maja"),
+         ("Tanaka", "Hiro"), ("Moreau", "Louis"), ("Silva", "Ana")]
+Say = Callable[[str], None]
+
+
+class DemoError(RuntimeError):
+    """The journeys could not be played (the message says why)."""
+
+
+@dataclass
+class Journey:
+    """One synthetic patient going through one protocol."""
+
+    label: str
+    protocol: Protocol
+    careplan_id: str
+    fail_qc: bool
+    clock: datetime  # the simulated time this patient's journey has reached
+    started: datetime
+    done: set[str] = field(default_factory=set)  # Task ids already completed by the demo
+    repeats: int = 0
+    status: str = "active"
+
+    def stage_times(self, tasks: list[dict[str, Any]], stage: str) -> datetime | None:
+        ends = [parse_instant(t.get("executionPeriod", {}).get("end")) for t in tasks
+                if _stage_of(t) == stage and t.get("status") == "completed"]
+        found = [e for e in ends if e]
+        return max(found) if found else None
+
+
+def _stage_of(task: dict[str, Any]) -> str:
+    key = next((i["value"] for i in task.get("identifier", []) if i.get("system") == KEY_SYSTEM),
+               "//")
+    return str(key.rsplit("/", 2)[1])
+
+
+class Demo:
+    def __init__(self, client: httpx.Client, say: Say, *, timeout: float = 120.0) -> None:
+        self.client, self.say, self.timeout = client, say, timeout
+        self.tasks_written = 0
+
+    # -- HTTP ------------------------------------------------------------------------
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        response = self.client.request(method, path, json=body,
+                                       headers={"content-type": FHIR_JSON,
+                                                "accept": FHIR_JSON})
+        if response.status_code >= 400:
+            raise DemoError(f"{method} {path} answered {response.status_code}: "
+                            f"{response.text[:300]}")
+        return response.json() if response.content else None
+
+    def _search(self, query: str) -> list[dict[str, Any]]:
+        bundle = self._call("GET", f"{query}&_count=500")
+        return [e["resource"] for e in bundle.get("entry", [])]
+
+    # -- set-up ----------------------------------------------------------------------
+    def protocols(self) -> list[tuple[dict[str, Any], Protocol]]:
+        plans = self._search("PlanDefinition?status=active&_sort=url")
+        found = []
+        for plan in plans:
+            urls = sorted({c.split("|")[0] for c in _definitions(plan.get("action", []))})
+            activities = [a for i in range(0, len(urls), 20) for a in
+                          self._search("ActivityDefinition?url=" + ",".join(urls[i:i + 20]))]
+            found.append((plan, from_plan_definition(plan, activities)))
+        if not found:
+            raise DemoError("the server holds no protocol: start it with the shipped ones "
+                            "(`atm serve` loads them) or `atm protocols load FILE`")
+        return found
+
+    def enrol(self, number: int, plan: dict[str, Any], protocol: Protocol,
+              fail_qc: bool, start: datetime) -> Journey:
+        family, given = NAMES[number % len(NAMES)]
+        patient = self._call("POST", "Patient", {
+            "resourceType": "Patient", "name": [{"family": family, "given": [given]}],
+            "identifier": [{"system": "https://atm-gateway.org/demo/patient",
+                            "value": str(uuid.uuid4())}], "birthDate": "1971-05-02"})
+        roles = sorted({s.role for s in protocol.stages.values() if s.role})
+        assignments = []
+        for role in roles:
+            org = self._call("POST", "Organization", {
+                "resourceType": "Organization", "name": f"Demo {role.replace('-', ' ')}"})
+            reference = {"reference": f"Organization/{org['id']}"}
+            assignments.append({"url": ROLE_ASSIGNMENT, "extension": [
+                {"url": "role", "valueCode": role},
+                {"url": "organization", "valueReference": reference}]})
+        careplan = self._call("POST", "CarePlan", {
+            "resourceType": "CarePlan", "status": "active", "intent": "plan",
+            "instantiatesCanonical": [protocol.canonical], "title": protocol.title,
+            "subject": {"reference": f"Patient/{patient['id']}"},
+            "period": {"start": start.isoformat()}, "extension": assignments})
+        label = f"{given} {family} ({plan.get('name', plan['id'])})"
+        self.say(f"enrolled {label}: CarePlan/{careplan['id']}"
+                 + (" — its first QC release will fail" if fail_qc else ""))
+        return Journey(label, protocol, careplan["id"], fail_qc, start, start)
+
+    # -- playing the partners --------------------------------------------------------
+    def play(self, journeys: list[Journey]) -> None:
+        deadline = time.monotonic() + self.timeout
+        while any(j.status == "active" for j in journeys):
+            if time.monotonic() > deadline:
+                stuck = [j.label for j in journeys if j.status == "active"]
+                raise DemoError(f"no progress within {self.timeout:.0f} s for {stuck}")
+            moved = False
+            for journey in journeys:
+                if journey.status == "active":
+                    moved |= self._step(journey)
+            if not moved:
+                time.sleep(0.05)  # the orchestrator has not written the next Tasks yet
+
+    def _step(self, journey: Journey) -> bool:
+        plan = self._call("GET", f"CarePlan/{journey.careplan_id}")
+        if plan["status"] != "active":
+            journey.status = plan["status"]
+            reason = plan.get("note", [{}])[-1].get("text", "")
+            self.say(f"{journey.label}: CarePlan {plan['status']} — {reason}")
+            return True
+        tasks = self._search(f"Task?based-on=CarePlan/{journey.careplan_id}&status=ready")
+        moved = False
+        for task in sorted(tasks, key=lambda t: t.get("restriction", {}).get("period", {})
+                           .get("start", "")):
+            stage = journey.protocol.stages.get(_stage_of(task))
+            if stage is None or stage.children or task["id"] in journey.done:
+                continue  # a stage with sub-stages is completed by the orchestrator
+            self._perform(journey, task)
+            moved = True
+        return moved
+
+    def _perform(self, journey: Journey, task: dict[str, Any]) -> None:
+        stage = journey.protocol.stages[_stage_of(task)]
+        window = task.get("restriction", {}).get("period", {})
+        begin = max(journey.clock, parse_instant(window.get("start")) or journey.clock)
+        took = (stage.deadline or timedelta(hours=4)) / 2
+        end = begin + took
+        journey.clock = max(journey.clock, end)
+        fail = journey.fail_qc and stage.id == FAILING_STAGE and journey.repeats == 0
+        started = self._call("PUT", f"Task/{task['id']}", {
+            **_without_meta(task), "status": "in-progress",
+            "executionPeriod": {"start": begin.isoformat()}})
+        finished = {**_without_meta(started), "status": "failed" if fail else "completed",
+                    "executionPeriod": {"start": begin.isoformat(), "end": end.isoformat()}}
+        if fail:
+            finished["statusReason"] = {"text": "Sterility test failed: batch not released"}
+            journey.repeats += 1
+        self._call("PUT", f"Task/{task['id']}", finished)
+        journey.done.add(task["id"])
+        day = (end - journey.started).days
+        self.say(f"{journey.label}: day {day:>3}  {stage.title} "
+                 f"{'FAILED — going back' if fail else 'done'}")
+
+    # -- the summary -----------------------------------------------------------------
+    def summary(self, journeys: list[Journey]) -> list[str]:
+        lines = [f"{'patient':<44} {'outcome':<10} {'vein-to-vein':>12} "
+                 f"{'referral-to-infusion':>20} {'Tasks':>6} {'repeats':>7}"]
+        total_tasks = 0
+        for journey in journeys:
+            tasks = self._search(f"Task?based-on=CarePlan/{journey.careplan_id}")
+            total_tasks += len(tasks)
+            infused = journey.stage_times(tasks, "infusion")
+            collected = next((t for s in COLLECTION_STAGES
+                              if (t := journey.stage_times(tasks, s))), None)
+            vein = f"{(infused - collected).days} d" if infused and collected else "n/a"
+            referral = f"{(infused - journey.started).days} d" if infused else "n/a"
+            lines.append(f"{journey.label:<44} {journey.status:<10} {vein:>12} "
+                         f"{referral:>20} {len(tasks):>6} {journey.repeats:>7}")
+        provenances = self._call("GET", "Provenance?_summary=count&agent=Device/atm-orchestrator")
+        lines.append(f"{total_tasks} Tasks written by the orchestrator, "
+                     f"{provenances.get('total', 0)} Provenances naming it")
+        return lines
+
+
+def _definitions(actions: list[dict[str, Any]]) -> list[str]:
+    found = []
+    for action in actions:
+        if action.get("definitionCanonical"):
+            found.append(action["definitionCanonical"])
+        found += _definitions(action.get("action", []))
+    return found
+
+
+def _without_meta(resource: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in resource.items() if k != "meta"}
+
+
+def run_demo(base_url: str, patients: int, say: Say, *, timeout: float = 120.0) -> list[str]:
+    """Enrol `patients` across the server's protocols, play them through, and return the
+    summary lines (the second patient's first QC release fails)."""
+    start = datetime.now(UTC).replace(microsecond=0)
+    with httpx.Client(base_url=base_url.rstrip("/") + "/", timeout=30.0) as client:
+        demo = Demo(client, say, timeout=timeout)
+        available = demo.protocols()
+        say(f"{len(available)} protocols on {base_url}: "
+            + ", ".join(p.title for _, p in available))
+        journeys = []
+        for number in range(patients):
+            plan, protocol = available[number % len(available)]
+            can_fail = any(s == FAILING_STAGE for s in protocol.stages)
+            journeys.append(demo.enrol(number, plan, protocol,
+                                       fail_qc=can_fail and number == 1, start=start))
+        demo.play(journeys)
+        return demo.summary(journeys)

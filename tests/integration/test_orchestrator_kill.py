@@ -1,0 +1,89 @@
+"""A real `atm orchestrate` process killed (SIGKILL) in the middle of its work, then
+started again: no Task is written twice and none is skipped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway.settings import Settings
+from tests.integration.test_orchestrator import enrol, search, set_status, tasks_by_stage
+
+ROOT = Path(__file__).resolve().parents[2]
+ENROLMENTS = 12
+
+
+class OrchestratorProcess:
+    def __init__(self, settings: Settings, log: Path) -> None:
+        self.env = {**os.environ, "ATM_DATABASE_URL": settings.database_url,
+                    "ATM_BASE_URL": settings.base_url or "", "ATM_LOG_JSON": "false"}
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as sink:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "orchestrate", "--poll", "0.05"],
+                cwd=ROOT, env=self.env, stdout=sink, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
+
+
+@pytest.fixture
+def orchestrator_process(settings: Settings, tmp_path: Path) -> Iterator[OrchestratorProcess]:
+    process = OrchestratorProcess(settings, tmp_path / "orchestrate.log")
+    yield process
+    process.stop()
+
+
+def count_stage(client: TestClient, stage: str) -> int:
+    return len(search(client, "Task?code=" + stage))
+
+
+def wait_until(predicate: object, seconds: float, log: Path) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.05)
+
+
+def test_killed_orchestrator_restarts_without_duplicates_or_gaps(
+        client: TestClient, orchestrator_process: OrchestratorProcess) -> None:
+    careplans = [enrol(client) for _ in range(ENROLMENTS)]
+    orchestrator_process.start()
+    # Killed as soon as it has started some of the enrolments, not all.
+    wait_until(lambda: count_stage(client, "intake") > 0, 60, orchestrator_process.log)
+    orchestrator_process.kill()
+    orchestrator_process.start()
+    wait_until(lambda: count_stage(client, "intake") == ENROLMENTS, 60,
+               orchestrator_process.log)
+    for careplan in careplans:
+        set_status(client, tasks_by_stage(client, careplan["id"])["intake"][0], "completed")
+    wait_until(lambda: count_stage(client, "eligibility") > 0, 60, orchestrator_process.log)
+    orchestrator_process.kill()
+    orchestrator_process.start()
+    wait_until(lambda: count_stage(client, "consent") == ENROLMENTS, 60,
+               orchestrator_process.log)
+    for careplan in careplans:
+        stages = tasks_by_stage(client, careplan["id"])
+        assert {stage: len(runs) for stage, runs in stages.items()} == {
+            "intake": 1, "eligibility": 1, "consent": 1}
+        plan = client.get(f"/fhir/CarePlan/{careplan['id']}").json()
+        assert sorted(a["reference"]["reference"] for a in plan["activity"]) == sorted(
+            f"Task/{runs[0]['id']}" for runs in stages.values())
