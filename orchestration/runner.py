@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -29,7 +30,7 @@ from gateway.services.search import match_ids
 from gateway.settings import Settings
 from gateway.store.database import Database
 from gateway.store.repository import Actor, Repository
-from gateway.store.schema import change_log, reactor_cursors, sp_reference
+from gateway.store.schema import change_log, reactor_cursors
 from orchestration import writes
 from orchestration.effects import (
     CompletePlan,
@@ -48,7 +49,6 @@ log = logging.getLogger("atm.orchestrator")
 
 ACTOR = Actor(name="orchestrator")
 CURSOR = "orchestrator"
-MAX_TASKS_PER_PLAN = 2000
 Clock = Callable[[], datetime]
 
 
@@ -66,10 +66,16 @@ class Advance:
 
 class Orchestrator:
     def __init__(self, db: Database, settings: Settings, *, clock: Clock = utc_now,
-                 batch: int = 500, gap_grace: timedelta = timedelta(seconds=30)) -> None:
+                 batch: int = 500, gap_grace: timedelta = timedelta(seconds=30),
+                 workers: int = 4) -> None:
         self.db, self.settings, self.clock = db, settings, clock
         self.batch, self.gap_grace = batch, gap_grace
         self._protocols: dict[tuple[str, str], Protocol] = {}
+        self._plan_ids: dict[str, str] = {}  # canonical -> PlanDefinition id
+        # Enrolments advance side by side, each in its own transaction under its own
+        # CarePlan's lock: SQLite commits them in groups, PostgreSQL in parallel.
+        self._pool = ThreadPoolExecutor(max_workers=workers,
+                                        thread_name_prefix="atm-orchestrator")
 
     def _context(self, conn: Connection) -> Context:
         return Context(db=self.db, settings=self.settings,
@@ -87,8 +93,8 @@ class Orchestrator:
                 .limit(self.batch)).all())
         if not rows:
             return 0
-        for careplan_id in self._enrolments_touched(rows):
-            self.advance(careplan_id)
+        for _ in self._pool.map(self.advance, self._enrolments_touched(rows)):
+            pass
         self._save_cursor(self._safe_position(cursor, rows))
         return len(rows)
 
@@ -114,14 +120,11 @@ class Orchestrator:
         requests = sorted({("ServiceRequest", r.res_id) for r in theirs
                            if r.res_type == "ServiceRequest"})
         with self.db.read() as conn:
-            for chunk in range(0, len(task_ids), 500):
-                touched.update(dict.fromkeys(conn.execute(
-                    select(sp_reference.c.target_id).distinct().where(
-                        sp_reference.c.res_type == "Task",
-                        sp_reference.c.param == "based-on",
-                        sp_reference.c.target_type == "CarePlan",
-                        sp_reference.c.res_id.in_(task_ids[chunk:chunk + 500]))).scalars()))
-            referrals = Repository(conn).read_many(requests) if requests else {}
+            repo = Repository(conn)
+            for first in range(0, len(task_ids), 500):
+                touched.update(dict.fromkeys(sorted(repo.referred(
+                    "Task", "based-on", "CarePlan", task_ids[first:first + 500]))))
+            referrals = repo.read_many(requests) if requests else {}
         for version in referrals.values():
             if not version.deleted and (enrolled := self._enrol_referral(version.resource())):
                 touched[enrolled] = None
@@ -153,7 +156,7 @@ class Orchestrator:
             ctx = self._context(conn)
             ids = match_ids(ctx, Repository(conn), "CarePlan", [("status", "active")],
                             limit=100_000)
-        return sum(1 for careplan_id in ids if self.advance(careplan_id).effects)
+        return sum(1 for done in self._pool.map(self.advance, ids) if done.effects)
 
     # -- one enrolment -------------------------------------------------------------------
     def advance(self, careplan_id: str) -> Advance:
@@ -185,10 +188,8 @@ class Orchestrator:
         protocol = self._protocol_of(ctx, repo, careplan)
         if protocol is None:
             return None
-        task_ids = match_ids(ctx, repo, "Task", [("based-on", f"CarePlan/{careplan_id}")],
-                             limit=MAX_TASKS_PER_PLAN)
-        tasks = [v.resource() for v in repo.read_many([("Task", i) for i in task_ids]).values()
-                 if not v.deleted]
+        task_ids = [i for i, _ in repo.referring("Task", "based-on", "CarePlan", [careplan_id])]
+        tasks = [v.resource() for v in repo.read_many([("Task", i) for i in task_ids]).values()]
         subject = careplan.get("subject", {}).get("reference", "")
         patient = None
         if subject.startswith("Patient/"):
@@ -199,9 +200,18 @@ class Orchestrator:
     def _protocol_of(self, ctx: Context, repo: Repository,
                      resource: dict[str, Any]) -> Protocol | None:
         """The protocol a CarePlan or ServiceRequest instantiates, if it is one we hold
-        (compiled once per PlanDefinition version)."""
-        plan_id = plan_definition_id(ctx, repo, resource)
-        version = repo.read("PlanDefinition", plan_id) if plan_id else None
+        (which PlanDefinition a canonical names is remembered; each version is compiled
+        once)."""
+        version = None
+        for canonical in resource.get("instantiatesCanonical", []):
+            plan_id = self._plan_ids.get(canonical)
+            version = repo.read("PlanDefinition", plan_id) if plan_id else None
+            if version is None or version.deleted:
+                plan_id = plan_definition_id(ctx, repo, {"instantiatesCanonical": [canonical]})
+                version = repo.read("PlanDefinition", plan_id) if plan_id else None
+            if version is not None and not version.deleted:
+                self._plan_ids[canonical] = version.id
+                break
         if version is None or version.deleted:
             return None
         key = (version.id, str(version.version))
@@ -244,11 +254,23 @@ class Orchestrator:
               deadlines_every: float = 60.0) -> None:
         """React until `stop` is set: at once after a commit in this process, within
         `poll` seconds of one made elsewhere; check deadlines every `deadlines_every`."""
-        self.ensure_device()
-        next_deadlines = 0.0
+        try:
+            self._react(stop, poll, deadlines_every)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Let the advancing threads finish and end."""
+        self._pool.shutdown(wait=True)
+
+    def _react(self, stop: threading.Event, poll: float, deadlines_every: float) -> None:
+        next_deadlines, device = 0.0, False
         while not stop.is_set():
             self.db.committed.clear()  # before reading: a commit after it wakes the wait
             try:
+                if not device:
+                    self.ensure_device()
+                    device = True
                 consumed = self.run_once()
                 if self.clock().timestamp() >= next_deadlines:
                     self.check_deadlines()

@@ -179,6 +179,28 @@ class Repository:
                 found[(row.res_type, row.res_id)] = _version_from(row)
         return found
 
+    def referring(self, resource_type: str, param: str, target_type: str,
+                  target_ids: list[str]) -> list[tuple[str, str]]:
+        """(id, target id) of each current `resource_type` whose reference search
+        parameter `param` points at one of these local targets, from the reference
+        index (the orchestrator's "Tasks of this CarePlan")."""
+        found: dict[tuple[str, str], None] = {}
+        for target_id in target_ids:
+            rows = self._driver.execute(self._sql.referring,
+                                        (resource_type, param, target_id, target_type))
+            found.update(dict.fromkeys((row[0], row[1]) for row in rows.fetchall()))
+        return list(found)
+
+    def referred(self, resource_type: str, param: str, target_type: str,
+                 ids: list[str]) -> set[str]:
+        """The local `target_type` ids that these resources' `param` points at."""
+        found: set[str] = set()
+        for resource_id in ids:
+            rows = self._driver.execute(self._sql.referred_by_one,
+                                        (resource_type, resource_id, param, target_type))
+            found.update(row[0] for row in rows.fetchall())
+        return found
+
     def vread(self, resource_type: str, resource_id: str, version: int) -> Version | None:
         row = self.conn.execute(_VREAD, {"t": resource_type, "i": resource_id,
                                          "v": version}).first()
