@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp
@@ -76,8 +77,12 @@ def _load_shipped_protocols(db: Database, settings: Settings) -> None:
 
     ctx = Context(db=db, settings=settings, base_url=settings.base_url or "",
                   actor=Actor(name="atm serve"))
-    for plan_id in load_shipped(ctx):
-        log.info("loaded protocol PlanDefinition/%s", plan_id)
+    try:
+        for plan_id in load_shipped(ctx):
+            log.info("loaded protocol PlanDefinition/%s", plan_id)
+    except SQLAlchemyError:  # the server still starts; /readyz tells the database is out
+        log.exception("the shipped protocols could not be loaded (is the database up "
+                      "and migrated?); load them with `atm protocols load`")
 
 
 def _front(app: FastAPI, settings: Settings, inner: ASGIApp) -> ASGIApp:

@@ -89,8 +89,9 @@ def _task_run(task: dict[str, Any], careplan_id: str) -> Run | None:
     outcome = ("active" if status in ACTIVE else "failed" if status in FAILED else "done")
     finished = None
     if outcome == "done":
+        # When the performer says it ended, else when the server stored it as done
+        # (lastModified is not used: a completing partner may leave it as it was).
         finished = parse_instant(task.get("executionPeriod", {}).get("end")
-                                 or task.get("lastModified")
                                  or task.get("meta", {}).get("lastUpdated"))
     return Run(stage, int(number), outcome, task, finished)
 

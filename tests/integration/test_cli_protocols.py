@@ -114,7 +114,8 @@ def test_load_into_a_fresh_sqlite_database_then_read_back_through_the_api(
     result = run_atm(tmp_path, "protocols", "load", *map(str, SHIPPED))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [_loaded_line(p, url, "created") for p in SHIPPED]
-    settings = Settings(database_url=url, base_url="http://testserver/fhir", log_json=False)
+    settings = Settings(database_url=url, base_url="http://testserver/fhir", log_json=False,
+                        load_protocols=False, orchestrator=False)
     with TestClient(create_app(settings, migrate=False)) as client:
         for path in SHIPPED:
             compiled = _compiled(path)
@@ -135,7 +136,7 @@ def test_loading_twice_leaves_one_plan_definition(database_url: str, tmp_path: P
                                  f"{_masked(database_url)}\n")
     assert "(updated)" in again.stdout
     settings = Settings(database_url=database_url, base_url="http://testserver/fhir",
-                        log_json=False)
+                        log_json=False, load_protocols=False, orchestrator=False)
     with TestClient(create_app(settings, migrate=False)) as client:
         found = client.get("/fhir/PlanDefinition", params={
             "url": "https://atm-gateway.org/fhir/PlanDefinition/car-t-autologous"}).json()

@@ -97,9 +97,13 @@ def tasks_by_stage(client: TestClient, careplan_id: str) -> dict[str, list[dict[
     return stages
 
 
-def set_status(client: TestClient, task: dict[str, Any], status: str) -> None:
+def set_status(client: TestClient, task: dict[str, Any], status: str,
+               at: datetime | None = None) -> None:
+    """The Task's performer changes its status (and says when it ended)."""
     current = client.get(f"/fhir/Task/{task['id']}").json()
     current["status"] = status
+    if at is not None:
+        current["executionPeriod"] = {"end": at.isoformat()}
     response = client.put(f"/fhir/Task/{task['id']}", json=current,
                           headers={"content-type": FHIR})
     assert response.status_code == 200, response.text
@@ -107,7 +111,8 @@ def set_status(client: TestClient, task: dict[str, Any], status: str) -> None:
 
 def finish(client: TestClient, orchestrator: Orchestrator, careplan_id: str, stage: str,
            status: str = "completed") -> None:
-    set_status(client, tasks_by_stage(client, careplan_id)[stage][-1], status)
+    set_status(client, tasks_by_stage(client, careplan_id)[stage][-1], status,
+               orchestrator.clock())
     orchestrator.run_once()
 
 
@@ -331,3 +336,12 @@ def test_apply_without_a_subject_is_a_400_naming_it(client: TestClient) -> None:
         "severity": "error", "code": "invalid", "expression": ["subject"],
         "diagnostics": "$apply needs a subject parameter, e.g. subject=Patient/123"}]}
     assert client.get("/fhir/PlanDefinition/nope/$apply?subject=Patient/1").status_code == 404
+
+
+def test_start_up_loads_the_shipped_protocols_once(settings: Settings) -> None:
+    for _ in range(2):  # a restart finds them unchanged and writes nothing
+        with client_with(settings, load_protocols=True) as client:
+            plans = search(client, "PlanDefinition?status=active")
+            assert sorted((p["id"], p["meta"]["versionId"]) for p in plans) == [
+                ("allogeneic-cell-therapy", "1"), ("car-t-autologous", "1"),
+                ("ex-vivo-gene-therapy", "1")]

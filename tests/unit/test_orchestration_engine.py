@@ -35,7 +35,7 @@ def task(stage: str, status: str, run: int = 1, finished: datetime | None = None
         "meta": {"versionId": "2"}, "status": status, "intent": "order",
         "identifier": [{"system": KEY_SYSTEM, "value": f"{CAREPLAN}/{stage}/{run}"}]}
     if finished:
-        result["lastModified"] = finished.isoformat()
+        result["executionPeriod"] = {"end": finished.isoformat()}
     if end:
         result["restriction"] = {"period": {"start": (end - timedelta(days=1)).isoformat(),
                                             "end": end.isoformat()}}

@@ -411,3 +411,13 @@ def test_car_t_follows_the_reference_journey() -> None:
     assert follow_ups == {"follow-up-day-7": 7, "follow-up-day-14": 14,
                           "follow-up-day-28": 28, "follow-up-day-90": 90}
     assert actions["manufacturing"]["timingDuration"] == _duration(21, "d")
+
+
+def test_the_example_in_the_format_guide_is_a_valid_protocol() -> None:
+    from pathlib import Path
+
+    from mappings.protocols import validate_protocol
+
+    guide = (Path(__file__).resolve().parents[2] / "orchestration" / "PROTOCOLS.md").read_text()
+    example = guide.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert validate_protocol(example) == []
