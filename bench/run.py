@@ -81,6 +81,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="measured seconds per scenario "
                                                        "(default 10; --quick: 3)")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--enrolments", type=int, help="enrolments driven to completion "
+                        "through the orchestrator (default 1000; --quick: 50)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: small and short")
     parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--no-pin", action="store_true",
@@ -88,6 +90,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.tasks = args.tasks or (2000 if args.quick else 100_000)
     args.duration = args.duration or (3.0 if args.quick else 10.0)
+    args.enrolments = args.enrolments or (50 if args.quick else 1000)
     if args.backend is None:
         args.backend = "postgres" if args.postgres_url else "sqlite"
     if args.backend == "postgres" and not args.postgres_url:
@@ -157,6 +160,21 @@ def run_loadgen(port: int, scenario: str, *, connections: int, duration: float =
                           capture_output=True, text=True, timeout=limit)
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed for {scenario}:\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def run_journeys(port: int, args: argparse.Namespace, cpu: int | None,
+                 workdir: Path) -> dict[str, Any]:
+    """Enrolments driven to completion through the orchestrator (bench.journeys)."""
+    spec = {"base_url": f"http://127.0.0.1:{port}/fhir", "enrolments": args.enrolments,
+            "concurrency": args.connections * 2, "cpu": cpu}
+    path = workdir / "spec-journeys.json"
+    path.write_text(json.dumps(spec))
+    done = subprocess.run([sys.executable, "-m", "bench.journeys", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"the journeys failed:\n{done.stderr}")
     result: dict[str, Any] = json.loads(done.stdout)
     return result
 
@@ -286,7 +304,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             results[scenario.name] = drive(scenario, args.duration)
             after = drive(baseline, args.duration / 2)
             results[scenario.name]["adjacent_baseline_rps"] = [before["rps"], after["rps"]]
-        return {"load": loaded, "scenarios": results,
+        journeys = run_journeys(gateway_port, args, client_cpu, workdir)
+        return {"load": loaded, "scenarios": results, "journeys": journeys,
                 "pinned": {"server_cpu": server_cpu, "client_cpu": client_cpu}}
     except Exception:
         for server in servers:
@@ -348,7 +367,19 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"{label:<36}{row['rps']:>10,.1f}{_ms(row['p50_ms'])}"
                      f"{_ms(row['p99_ms'])}{row['errors']:>8}{ratios}  "
                      f"{targets.get(scenario.name, '')}".rstrip())
-    return "\n".join(lines)
+    return "\n".join([*lines, "", journeys_line(report)])
+
+
+def journeys_line(report: dict[str, Any]) -> str:
+    """The orchestration figures, with their ratio to plain Task creates in this run."""
+    j = report["journeys"]
+    creates = report["scenarios"]["create"]["rps"]
+    ratio = _share(j["advances_per_s"] / creates) if creates and j["advances_per_s"] else "-"
+    return (f"orchestration: {j['enrolments']} enrolments driven to completion by "
+            f"{j['concurrency']} partners in {j['seconds']} s ({j['completed_careplans']} "
+            f"CarePlans completed, {j['errors']} errors): {j['advances_per_s']:,.1f} "
+            f"advances/s = {ratio} of create Task req/s; Task completion -> successor Task "
+            f"p50 {j['latency_p50_ms']} ms, p99 {j['latency_p99_ms']} ms")
 
 
 def _share(ratio: float | None) -> str:
@@ -387,7 +418,8 @@ def main(argv: list[str]) -> int:
     out = args.results_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{args.backend}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nresults: {out}")
-    return 1 if any(r["errors"] for r in measured["scenarios"].values()) else 0
+    failed = any(r["errors"] for r in measured["scenarios"].values())
+    return 1 if failed or measured["journeys"]["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_quick_prints_every_scenario_and_writes_json(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bench.run", "--quick", "--tasks", "200", "--duration", "0.5",
-         "--connections", "2", "--results-dir", str(tmp_path)],
+         "--connections", "2", "--enrolments", "10", "--results-dir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
@@ -35,3 +35,8 @@ def test_bench_quick_prints_every_scenario_and_writes_json(tmp_path: Path) -> No
         before, after = row["adjacent_baseline_rps"]
         assert before > 0 and after > 0
         assert row["ratio"] == round(row["rps"] / ((before + after) / 2), 4)
+    journeys = report["journeys"]
+    assert journeys["completed_careplans"] == journeys["enrolments"] == 10
+    assert journeys["advances"] == 70 and journeys["errors"] == 0  # seven stages each
+    assert journeys["latency_p99_ms"] >= journeys["latency_p50_ms"] > 0
+    assert any(line.startswith("orchestration: 10 enrolments") for line in lines)
