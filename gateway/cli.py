@@ -90,7 +90,8 @@ def orchestrate(poll: float = typer.Option(0.5, help="Seconds between looks at t
         signal.signal(signum, lambda *_: stop.set())
     typer.echo(f"orchestrating enrolments in {_database_name()}")
     try:
-        Orchestrator(db, settings).serve(stop, poll, settings.deadline_check_seconds)
+        Orchestrator(db, settings, workers=settings.orchestrator_workers).serve(
+            stop, poll, settings.deadline_check_seconds)
     finally:
         db.dispose()
 

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     transaction_max_entries: int = 10_000
     orchestrator: bool = True
     """Advance enrolments (CarePlans of a loaded protocol) in a thread beside the API."""
+    orchestrator_workers: int = 4
+    """Enrolments the orchestrator advances at once (each in its own transaction)."""
     orchestrator_poll_seconds: float = 0.2
     """How soon the orchestrator sees a change when it is idle."""
     deadline_check_seconds: float = 60.0

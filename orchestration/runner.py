@@ -296,7 +296,7 @@ def running_beside(db: Database, settings: Settings) -> Iterator[Orchestrator | 
     if not settings.orchestrator:
         yield None
         return
-    orchestrator = Orchestrator(db, settings)
+    orchestrator = Orchestrator(db, settings, workers=settings.orchestrator_workers)
     stop = threading.Event()
     thread = threading.Thread(
         target=orchestrator.serve, name="atm-orchestrator", daemon=True,
