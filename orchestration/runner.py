@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -49,6 +50,10 @@ log = logging.getLogger("atm.orchestrator")
 
 ACTOR = Actor(name="orchestrator")
 CURSOR = "orchestrator"
+CURSOR_SAVE_SECONDS = 1.0
+ROUND_GAP_SECONDS = 0.01
+"""After a round, changes are left to gather this long: under a write-heavy load the
+orchestrator then reads them in batches instead of once per commit."""
 Clock = Callable[[], datetime]
 
 
@@ -70,6 +75,8 @@ class Orchestrator:
                  workers: int = 4) -> None:
         self.db, self.settings, self.clock = db, settings, clock
         self.batch, self.gap_grace = batch, gap_grace
+        self._position: int | None = None  # the cursor, as far as this process has read
+        self._saved_at = 0.0
         self._protocols: dict[tuple[str, str], Protocol] = {}
         self._plan_ids: dict[str, str] = {}  # canonical -> PlanDefinition id
         # Enrolments advance side by side, each in its own transaction under its own
@@ -84,18 +91,26 @@ class Orchestrator:
     # -- the change log ------------------------------------------------------------------
     def run_once(self) -> int:
         """React to the changes after the cursor; the number of changes consumed."""
-        cursor = self._cursor()
+        if self._position is None:
+            self._position = self._cursor()
+        cursor = self._position
         with self.db.read() as conn:
             rows = list(conn.execute(
                 select(change_log.c.seq, change_log.c.res_type, change_log.c.res_id,
-                       change_log.c.actor, change_log.c.at)
+                       change_log.c.interaction, change_log.c.actor, change_log.c.at)
                 .where(change_log.c.seq > cursor).order_by(change_log.c.seq)
                 .limit(self.batch)).all())
         if not rows:
             return 0
-        for _ in self._pool.map(self.advance, self._enrolments_touched(rows)):
+        touched = self._enrolments_touched([r for r in rows if _may_move_a_plan(r)])
+        for _ in self._pool.map(self.advance, touched):
             pass
-        self._save_cursor(self._safe_position(cursor, rows))
+        self._position = self._safe_position(cursor, rows)
+        # A cursor left behind only costs re-reading changes that moved nothing, so it is
+        # stored when enrolments moved, and otherwise at most once a second.
+        if touched or time.monotonic() - self._saved_at > CURSOR_SAVE_SECONDS:
+            self._save_cursor(self._position)
+            self._saved_at = time.monotonic()
         return len(rows)
 
     def _safe_position(self, cursor: int, rows: list[Any]) -> int:
@@ -109,21 +124,20 @@ class Orchestrator:
             position = row.seq
         return position
 
-    def _enrolments_touched(self, rows: list[Any]) -> list[str]:
+    def _enrolments_touched(self, changes: list[Any]) -> list[str]:
         """CarePlans to re-evaluate: changed ones, those of changed Tasks (found through
         the based-on index, without reading the Tasks), and new ones made from referral
-        ServiceRequests. The orchestrator's own writes are left out: each advance goes
-        as far as it can in one pass."""
-        theirs = [r for r in rows if r.actor != ACTOR.name]
-        touched = dict.fromkeys(r.res_id for r in theirs if r.res_type == "CarePlan")
-        task_ids = sorted({r.res_id for r in theirs if r.res_type == "Task"})
-        requests = sorted({("ServiceRequest", r.res_id) for r in theirs
-                           if r.res_type == "ServiceRequest"})
+        ServiceRequests."""
+        if not changes:
+            return []
+        touched = dict.fromkeys(c.res_id for c in changes if c.res_type == "CarePlan")
+        task_ids = sorted({c.res_id for c in changes if c.res_type == "Task"})
+        requests = sorted({("ServiceRequest", c.res_id) for c in changes
+                           if c.res_type == "ServiceRequest"})
         with self.db.read() as conn:
             repo = Repository(conn)
-            for first in range(0, len(task_ids), 500):
-                touched.update(dict.fromkeys(sorted(repo.referred(
-                    "Task", "based-on", "CarePlan", task_ids[first:first + 500]))))
+            touched.update(dict.fromkeys(sorted(repo.referred(
+                "Task", "based-on", "CarePlan", task_ids))))
             referrals = repo.read_many(requests) if requests else {}
         for version in referrals.values():
             if not version.deleted and (enrolled := self._enrol_referral(version.resource())):
@@ -281,6 +295,7 @@ class Orchestrator:
                 stop.wait(poll)
             if consumed < self.batch:
                 self.db.committed.wait(poll)
+                stop.wait(ROUND_GAP_SECONDS)
 
     def ensure_device(self) -> None:
         """The Device every orchestrator Provenance names as its agent."""
@@ -307,6 +322,17 @@ def running_beside(db: Database, settings: Settings) -> Iterator[Orchestrator | 
     finally:
         stop.set()
         thread.join(timeout=30)
+
+
+def _may_move_a_plan(change: Any) -> bool:
+    """Changes that can move an enrolment: to CarePlans, referral ServiceRequests, and
+    Tasks other than new ones (a plan's Tasks are written by the orchestrator; a Task
+    someone else creates is not one of its stages)."""
+    if change.actor == ACTOR.name:
+        return False  # each advance goes as far as it can in one pass
+    if change.res_type == "Task":
+        return bool(change.interaction != "create")
+    return change.res_type in ("CarePlan", "ServiceRequest")
 
 
 def _write(ctx: Context, method: str, path: str, resource: dict[str, Any],

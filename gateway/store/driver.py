@@ -45,12 +45,15 @@ class Statements:
     insert_index: dict[str, tuple[str, tuple[str, ...]]]
     """kind -> (INSERT, columns after res_type, res_id and last_updated)"""
     delete_index: dict[str, str]
+    mark: str
+    """The dialect's parameter placeholder."""
     referring: str
     """(res_id, target_id) of one type's resources whose reference parameter points at
     one local target: the lookup index's (type, param, target) prefix."""
-    referred_by_one: str
-    """target_id of one resource's reference parameter, through the per-resource index
-    (SQLite without statistics would otherwise scan the parameter's whole range)."""
+    referred_by: str
+    """target_id of some resources' reference parameter (`{ids}`: their placeholders),
+    through the per-resource index (SQLite without statistics would otherwise scan the
+    parameter's whole range)."""
 
 
 @cache
@@ -75,10 +78,12 @@ def statements(dialect: str) -> Statements:
                       for kind, table in INDEX_TABLES.items()},
         referring=(f"SELECT res_id, target_id FROM sp_reference WHERE res_type = {m} AND "
                    f"param = {m} AND target_id = {m} AND target_type = {m}"),
-        referred_by_one=(
-            "SELECT target_id FROM sp_reference"
+        referred_by=(
+            "SELECT DISTINCT target_id FROM sp_reference"
             + (" INDEXED BY ix_sp_reference_resource" if dialect == "sqlite" else "")
-            + f" WHERE {key} AND param = {m} AND target_type = {m}"),
+            + f" WHERE res_type = {m} AND res_id IN ({{ids}}) AND param = {m}"
+            + f" AND target_type = {m}"),
+        mark=m,
     )
 
 

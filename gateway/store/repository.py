@@ -195,9 +195,10 @@ class Repository:
                  ids: list[str]) -> set[str]:
         """The local `target_type` ids that these resources' `param` points at."""
         found: set[str] = set()
-        for resource_id in ids:
-            rows = self._driver.execute(self._sql.referred_by_one,
-                                        (resource_type, resource_id, param, target_type))
+        for first in range(0, len(ids), 500):
+            chunk = ids[first:first + 500]
+            sql = self._sql.referred_by.format(ids=", ".join([self._sql.mark] * len(chunk)))
+            rows = self._driver.execute(sql, (resource_type, *chunk, param, target_type))
             found.update(row[0] for row in rows.fetchall())
         return found
 
