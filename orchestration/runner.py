@@ -20,28 +20,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
 from sqlalchemy import Connection, select
 
 from gateway.errors import FhirError
-from gateway.services.context import Context, FhirRequest, FhirResponse
+from gateway.services.context import Context
 from gateway.services.protocols import plan_definition_id, protocol_from_store
-from gateway.services.router import dispatch
 from gateway.services.search import match_ids
 from gateway.settings import Settings
 from gateway.store.database import Database
 from gateway.store.repository import Actor, Repository
 from gateway.store.schema import change_log, reactor_cursors
 from orchestration import writes
-from orchestration.effects import (
-    CompletePlan,
-    Effect,
-    HoldPlan,
-    MarkOverdue,
-    SetTaskStatus,
-    SkipStage,
-    StartStage,
-)
+from orchestration.applier import Writer, versioned, write
+from orchestration.effects import Effect
 from orchestration.engine import decide
 from orchestration.protocol import Protocol, ProtocolFormError
 from orchestration.state import PlanState, plan_state, resource_id
@@ -186,7 +177,7 @@ class Orchestrator:
                 now = self.clock()
                 effects = decide(protocol, state, now)
                 if effects:
-                    _Writer(ctx, protocol, state, now).apply(effects)
+                    Writer(ctx, protocol, state, now).apply(effects)
                 return Advance(careplan_id, effects)
         except FhirError as exc:  # e.g. a Task a partner changed while we decided
             log.warning("advancing CarePlan/%s was refused (%s); it is retried on the "
@@ -257,9 +248,9 @@ class Orchestrator:
                 "created": writes.instant(self.clock())}
             if request.get("requester"):
                 careplan["author"] = request["requester"]
-            written = _write(ctx, "POST", "CarePlan", careplan, assigned_id=careplan_id)
-            _write(ctx, "POST", "Provenance", writes.provenance(
-                [_versioned(written)], _versioned(request), "referral for "
+            written = write(ctx, "POST", "CarePlan", careplan, assigned_id=careplan_id)
+            write(ctx, "POST", "Provenance", writes.provenance(
+                [versioned(written)], versioned(request), "referral for "
                 f"{protocol.title}: enrolled", "CREATE", self.clock()))
         return careplan_id
 
@@ -302,7 +293,7 @@ class Orchestrator:
         with self.db.write() as conn:
             ctx = self._context(conn)
             if Repository(conn).read("Device", "atm-orchestrator") is None:
-                _write(ctx, "PUT", "Device/atm-orchestrator", writes.orchestrator_device())
+                write(ctx, "PUT", "Device/atm-orchestrator", writes.orchestrator_device())
 
 
 @contextmanager
@@ -333,113 +324,3 @@ def _may_move_a_plan(change: Any) -> bool:
     if change.res_type == "Task":
         return bool(change.interaction != "create")
     return change.res_type in ("CarePlan", "ServiceRequest")
-
-
-def _write(ctx: Context, method: str, path: str, resource: dict[str, Any],
-           *, assigned_id: str | None = None, if_match: str | None = None) -> dict[str, Any]:
-    """One write through the same services as a client's; the stored resource."""
-    headers = {"if-match": if_match} if if_match else {}
-    response: FhirResponse = dispatch(ctx, FhirRequest(
-        method=method, path=path, headers=headers, body=orjson.dumps(resource),
-        content_type="application/fhir+json", assigned_id=assigned_id))
-    assert response.body is not None
-    stored: dict[str, Any] = orjson.loads(response.body)
-    return stored
-
-
-def _versioned(resource: dict[str, Any]) -> str:
-    reference = f"{resource['resourceType']}/{resource['id']}"
-    version = resource.get("meta", {}).get("versionId")
-    return f"{reference}/_history/{version}" if version else reference
-
-
-class _Writer:
-    """Writes one advance's effects: each effect's resources and its Provenance, then
-    the CarePlan once with every activity and status change."""
-
-    def __init__(self, ctx: Context, protocol: Protocol, state: PlanState,
-                 now: datetime) -> None:
-        self.ctx, self.protocol, self.state, self.now = ctx, protocol, state, now
-        self.careplan = dict(state.careplan)
-        self.careplan_changed = False
-        # Each effect's Provenance: targets, entity, reason, activity, and whether the
-        # CarePlan's new version is among its targets (known once it is written).
-        self.pending: list[tuple[list[str], str | None, str, str, bool]] = []
-
-    def apply(self, effects: list[Effect]) -> None:
-        for effect in effects:
-            self._apply(effect)
-        plan_version = _versioned(self._save_careplan()) if self.careplan_changed else None
-        for targets, entity, reason, activity, touches_plan in self.pending:
-            if touches_plan and plan_version:
-                targets = [*targets, plan_version]
-            _write(self.ctx, "POST", "Provenance",
-                   writes.provenance(targets, entity, reason, activity, self.now))
-
-    def _record(self, written: list[dict[str, Any]], entity: str | None, reason: str,
-                activity: str, *, touches_plan: bool = False) -> None:
-        self.pending.append(([_versioned(r) for r in written], entity, reason, activity,
-                             touches_plan))
-
-    def _apply(self, effect: Effect) -> None:
-        if isinstance(effect, StartStage):
-            written = [_write(self.ctx, "POST", r["resourceType"], r, assigned_id=r["id"])
-                       for r in writes.stage_resources(self.protocol, self.state, effect,
-                                                       self.now)]
-            task = written[-1]
-            self._add_activity({"reference": {"reference": f"Task/{task['id']}",
-                                              "display": task.get("description")}})
-            self._record(written, effect.trigger, effect.reason, "CREATE", touches_plan=True)
-        elif isinstance(effect, SkipStage):
-            self._add_activity(writes.skipped_activity(self.state, self.protocol, effect))
-            self._record([], effect.trigger, effect.reason, "UPDATE", touches_plan=True)
-        elif isinstance(effect, SetTaskStatus):
-            self._record([self._set_status(effect)], _versioned(effect.task), effect.reason,
-                         "UPDATE")
-        elif isinstance(effect, MarkOverdue):
-            task, flag, communication = writes.overdue_resources(self.state, effect, self.now)
-            written = [self._update(task, effect.task),
-                       _write(self.ctx, "POST", "Flag", flag, assigned_id=flag["id"]),
-                       _write(self.ctx, "POST", "Communication", communication,
-                              assigned_id=communication["id"])]
-            self._record(written, _versioned(effect.task), effect.reason, "UPDATE")
-        elif isinstance(effect, HoldPlan | CompletePlan):
-            self._close_plan(effect)
-            self._record([], effect.trigger, effect.reason, "UPDATE", touches_plan=True)
-
-    def _set_status(self, effect: SetTaskStatus) -> dict[str, Any]:
-        task = {**effect.task, "status": effect.status, "lastModified": writes.instant(self.now)}
-        if effect.status == "completed":
-            task["executionPeriod"] = {**task.get("executionPeriod", {}),
-                                       "end": writes.instant(effect.at or self.now)}
-        else:
-            task["statusReason"] = {"text": effect.reason}
-        task.pop("meta", None)
-        return self._update(task, effect.task)
-
-    def _update(self, task: dict[str, Any], read: dict[str, Any]) -> dict[str, Any]:
-        version = read.get("meta", {}).get("versionId")
-        return _write(self.ctx, "PUT", f"Task/{task['id']}", task,
-                      if_match=f'W/"{version}"' if version else None)
-
-    def _add_activity(self, activity: dict[str, Any]) -> None:
-        self.careplan["activity"] = [*self.careplan.get("activity", []), activity]
-        self.careplan_changed = True
-
-    def _close_plan(self, effect: HoldPlan | CompletePlan) -> None:
-        if isinstance(effect, HoldPlan):
-            self.careplan["status"] = "on-hold"
-        else:
-            self.careplan["status"] = "completed"
-            self.careplan["period"] = {**self.careplan.get("period", {}),
-                                       "end": writes.instant(self.now)}
-        self.careplan["note"] = [*self.careplan.get("note", []),
-                                 {"time": writes.instant(self.now), "text": effect.reason}]
-        self.careplan_changed = True
-
-    def _save_careplan(self) -> dict[str, Any]:
-        careplan = {k: v for k, v in self.careplan.items() if k != "meta"}
-        version = self.state.careplan.get("meta", {}).get("versionId")
-        return _write(self.ctx, "PUT", f"CarePlan/{careplan['id']}", careplan,
-                      if_match=f'W/"{version}"' if version else None)
-

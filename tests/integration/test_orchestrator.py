@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from gateway.settings import Settings
 from gateway.store.database import Database, make_engine
-from orchestration import runner as runner_module
+from orchestration import applier
 from orchestration.runner import Orchestrator
 from orchestration.state import KEY_SYSTEM, ROLE_ASSIGNMENT
 from tests.conftest import client_with
@@ -247,7 +247,7 @@ def test_a_crash_mid_advance_writes_nothing_and_the_restart_writes_everything_on
     def crash(self: Any) -> None:
         raise KeyboardInterrupt("killed after writing Tasks, before the CarePlan")
 
-    monkeypatch.setattr(runner_module._Writer, "_save_careplan", crash)
+    monkeypatch.setattr(applier.Writer, "_save_careplan", crash)
     with pytest.raises(KeyboardInterrupt):
         orchestrator.run_once()
     assert sorted(tasks_by_stage(client, careplan["id"])) == ["intake"]  # nothing half-written
