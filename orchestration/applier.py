@@ -26,7 +26,7 @@ from orchestration.state import PlanState
 
 
 def write(ctx: Context, method: str, path: str, resource: dict[str, Any],
-           *, assigned_id: str | None = None, if_match: str | None = None) -> dict[str, Any]:
+          *, assigned_id: str | None = None, if_match: str | None = None) -> dict[str, Any]:
     """One write through the same services as a client's; the stored resource."""
     headers = {"if-match": if_match} if if_match else {}
     response: FhirResponse = dispatch(ctx, FhirRequest(
