@@ -97,9 +97,20 @@ def _role(element: dict[str, Any]) -> str | None:
     return None
 
 
+_RELATIONSHIPS = ("after-end", "after", "before-start", "before")
+"""The relatedAction relationships the engine runs: "starts after X ends" and "ends
+before X starts". Others (concurrent-with-start, after-start…) are refused rather than
+silently ignored."""
+
+
 def _links(action: dict[str, Any], relationships: tuple[str, ...]) -> tuple[Link, ...]:
     links = []
     for related in action.get("relatedAction", []):
+        if related.get("relationship") not in _RELATIONSHIPS:
+            raise ProtocolFormError(
+                f"action {action.get('id')}: relatedAction {related.get('actionId')} has "
+                f"relationship {related.get('relationship')!r}; supported: "
+                f"{', '.join(_RELATIONSHIPS)}")
         if related.get("relationship") in relationships:
             offset = related.get("offsetDuration")
             where = f"action {action.get('id')} relatedAction {related.get('actionId')}"

@@ -255,6 +255,9 @@ def test_decisions_are_deterministic() -> None:
     ([action("a", "nowhere")], "related action nowhere is not one of its siblings"),
     ([action("a"), action("a")], "action id a is used twice"),
     ([action("a", back_to=("zz", 1))], "on-failure goes back to unknown action zz"),
+    ([action("a"), {"id": "b", "relatedAction": [
+        {"actionId": "a", "relationship": "concurrent-with-start"}]}],
+     "relationship 'concurrent-with-start'; supported: after-end, after, before-start"),
 ])
 def test_plan_definition_the_engine_cannot_run_is_refused(actions: list[Any],
                                                           message: str) -> None:
