@@ -104,7 +104,6 @@ class Writer:
                                        "end": writes.instant(effect.at or self.now)}
         else:
             task["statusReason"] = {"text": effect.reason}
-        task.pop("meta", None)
         return self._update(task, effect.task)
 
     def _update(self, task: dict[str, Any], read: dict[str, Any]) -> dict[str, Any]:
@@ -128,8 +127,8 @@ class Writer:
         self.careplan_changed = True
 
     def _save_careplan(self) -> dict[str, Any]:
-        careplan = {k: v for k, v in self.careplan.items() if k != "meta"}
+        careplan = self.careplan  # meta (tags, security labels) kept: the server re-stamps
         version = self.state.careplan.get("meta", {}).get("versionId")
         return write(self.ctx, "PUT", f"CarePlan/{careplan['id']}", careplan,
-                      if_match=f'W/"{version}"' if version else None)
+                     if_match=f'W/"{version}"' if version else None)
 

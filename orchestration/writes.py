@@ -111,7 +111,6 @@ def overdue_resources(state: PlanState, effect: MarkOverdue,
     task = {**effect.task, "businessStatus": {
         "coding": [{"system": BUSINESS_STATUS, "code": OVERDUE, "display": "Overdue"}],
         "text": "overdue"}, "lastModified": instant(now)}
-    task.pop("meta", None)
     about = {"reference": f"Task/{task['id']}"}
     subject = {"reference": state.subject} if state.subject else about
     flag = {"resourceType": "Flag",

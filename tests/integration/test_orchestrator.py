@@ -345,3 +345,14 @@ def test_start_up_loads_the_shipped_protocols_once(settings: Settings) -> None:
             assert sorted((p["id"], p["meta"]["versionId"]) for p in plans) == [
                 ("allogeneic-cell-therapy", "1"), ("car-t-autologous", "1"),
                 ("ex-vivo-gene-therapy", "1")]
+
+
+def test_orchestrator_updates_keep_the_plans_tags_and_security_labels(
+        client: TestClient, orchestrator: Orchestrator) -> None:
+    label = {"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality",
+             "code": "R"}
+    careplan = enrol(client, meta={"security": [label], "tag": [{"code": "trial-7"}]})
+    orchestrator.run_once()
+    plan = client.get(f"/fhir/CarePlan/{careplan['id']}").json()
+    assert plan["meta"]["versionId"] == "2"  # the orchestrator linked the intake Task
+    assert plan["meta"]["security"] == [label] and plan["meta"]["tag"] == [{"code": "trial-7"}]
