@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -42,6 +43,7 @@ stages:
   - {id: infusion, after: [manufacturing], role: centre}
   - {id: follow-up, after: [infusion], role: centre}
 """
+TAG_SYSTEM = "https://atm-gateway.org/bench/journeys"
 FHIR = {"content-type": "application/fhir+json", "accept": "application/fhir+json"}
 POLL_SECONDS = 0.02  # partners look again; latencies come from the server clock
 
@@ -74,6 +76,7 @@ class Driver:
         self.stages = {s.id: [a.stage.name for a in s.after]
                        for s in self.compiled.protocol.stages}
         self.tally = Tally()
+        self.run_tag = uuid.uuid4().hex  # marks this run's CarePlans, to count them
 
     async def load_protocol(self) -> str:
         response = await self.client.post("", json=self.compiled.bundle(), headers=FHIR)
@@ -87,6 +90,7 @@ class Driver:
             count = min(100, self.spec.enrolments - first)
             bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
                 {"resource": {"resourceType": "CarePlan", "status": "active",
+                              "meta": {"tag": [{"system": TAG_SYSTEM, "code": self.run_tag}]},
                               "intent": "plan", "instantiatesCanonical": [url],
                               "subject": {"reference": f"Patient/bench-{first + n}"}},
                  "request": {"method": "POST", "url": "CarePlan"}} for n in range(count)]}
@@ -110,7 +114,7 @@ class Driver:
             await asyncio.sleep(POLL_SECONDS)
 
     async def _complete(self, task: dict[str, Any]) -> dict[str, Any]:
-        body = {k: v for k, v in task.items() if k != "meta"} | {"status": "completed"}
+        body = task | {"status": "completed"}
         response = await self.client.put(f"Task/{task['id']}", json=body, headers=FHIR)
         response.raise_for_status()
         done: dict[str, Any] = response.json()
@@ -136,8 +140,9 @@ class Driver:
         of each: waited for, briefly)."""
         deadline = time.monotonic() + 30
         while True:
-            response = await self.client.get("CarePlan?status=completed&_summary=count",
-                                             headers=FHIR)
+            response = await self.client.get(
+                f"CarePlan?status=completed&_tag={TAG_SYSTEM}|{self.run_tag}&_summary=count",
+                headers=FHIR)
             total = int(response.json().get("total", 0))
             if total >= self.spec.enrolments or time.monotonic() > deadline:
                 return total

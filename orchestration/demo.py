@@ -160,9 +160,9 @@ class Demo:
         journey.clock = max(journey.clock, end)
         fail = journey.fail_qc and stage.id == FAILING_STAGE and journey.repeats == 0
         started = self._call("PUT", f"Task/{task['id']}", {
-            **_without_meta(task), "status": "in-progress",
+            **task, "status": "in-progress",
             "executionPeriod": {"start": begin.isoformat()}})
-        finished = {**_without_meta(started), "status": "failed" if fail else "completed",
+        finished = {**started, "status": "failed" if fail else "completed",
                     "executionPeriod": {"start": begin.isoformat(), "end": end.isoformat()}}
         if fail:
             finished["statusReason"] = {"text": "Sterility test failed: batch not released"}
@@ -201,10 +201,6 @@ def _definitions(actions: list[dict[str, Any]]) -> list[str]:
             found.append(action["definitionCanonical"])
         found += _definitions(action.get("action", []))
     return found
-
-
-def _without_meta(resource: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in resource.items() if k != "meta"}
 
 
 def run_demo(base_url: str, patients: int, say: Say, *, timeout: float = 120.0) -> list[str]:

@@ -35,8 +35,10 @@ def test_bench_quick_prints_every_scenario_and_writes_json(tmp_path: Path) -> No
         before, after = row["adjacent_baseline_rps"]
         assert before > 0 and after > 0
         assert row["ratio"] == round(row["rps"] / ((before + after) / 2), 4)
-    journeys = report["journeys"]
-    assert journeys["completed_careplans"] == journeys["enrolments"] == 10
-    assert journeys["advances"] == 70 and journeys["errors"] == 0  # seven stages each
-    assert journeys["latency_p99_ms"] >= journeys["latency_p50_ms"] > 0
+    busy, light = report["journeys"]["busy"], report["journeys"]["light"]
+    assert busy["completed_careplans"] == busy["enrolments"] == 10
+    assert busy["advances"] == 70 and busy["errors"] == 0  # seven stages each
+    assert busy["latency_p99_ms"] >= busy["latency_p50_ms"] > 0
+    assert light["enrolments"] == 1 and light["concurrency"] == 2
+    assert light["completed_careplans"] == 1 and light["errors"] == 0
     assert any(line.startswith("orchestration: 10 enrolments") for line in lines)

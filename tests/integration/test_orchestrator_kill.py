@@ -1,5 +1,6 @@
-"""A real `atm orchestrate` process killed (SIGKILL) in the middle of its work, then
-started again: no Task is written twice and none is skipped."""
+"""Real `atm orchestrate` processes: one killed (SIGKILL) in the middle of its work and
+started again, two running against one database at once. No Task is written twice and
+none is skipped."""
 
 from __future__ import annotations
 
@@ -87,3 +88,31 @@ def test_killed_orchestrator_restarts_without_duplicates_or_gaps(
         plan = client.get(f"/fhir/CarePlan/{careplan['id']}").json()
         assert sorted(a["reference"]["reference"] for a in plan["activity"]) == sorted(
             f"Task/{runs[0]['id']}" for runs in stages.values())
+
+
+def test_two_orchestrator_processes_share_the_work_without_duplicates(
+        client: TestClient, settings: Settings, tmp_path: Path) -> None:
+    careplans = [enrol(client) for _ in range(ENROLMENTS)]
+    processes = [OrchestratorProcess(settings, tmp_path / f"orchestrate-{n}.log")
+                 for n in range(2)]
+    try:
+        for process in processes:
+            process.start()
+        log = processes[0].log
+        wait_until(lambda: count_stage(client, "intake") == ENROLMENTS, 60, log)
+        for careplan in careplans:
+            set_status(client, tasks_by_stage(client, careplan["id"])["intake"][0],
+                       "completed")
+        wait_until(lambda: count_stage(client, "consent") == ENROLMENTS, 60, log)
+        wait_until(lambda: count_stage(client, "eligibility") == ENROLMENTS, 60, log)
+    finally:
+        for process in processes:
+            process.stop()
+    for careplan in careplans:
+        stages = tasks_by_stage(client, careplan["id"])
+        assert {stage: len(runs) for stage, runs in stages.items()} == {
+            "intake": 1, "eligibility": 1, "consent": 1}
+        plan = client.get(f"/fhir/CarePlan/{careplan['id']}").json()
+        assert len(plan["activity"]) == 3
+        provenances = search(client, f"Provenance?target=Task/{stages['consent'][0]['id']}")
+        assert len(provenances) == 1
