@@ -43,8 +43,9 @@ ACTOR = Actor(name="orchestrator")
 CURSOR = "orchestrator"
 CURSOR_SAVE_SECONDS = 1.0
 ROUND_GAP_SECONDS = 0.01
-"""After a round, changes are left to gather this long: under a write-heavy load the
-orchestrator then reads them in batches instead of once per commit."""
+"""After a round that found changes, the next ones are left to gather this long: under
+a write-heavy load the orchestrator reads them in batches instead of once per commit,
+while a lone change, after an idle spell, is taken at once."""
 Clock = Callable[[], datetime]
 
 
@@ -284,16 +285,22 @@ class Orchestrator:
                 log.exception("orchestrator round failed; retrying")
                 consumed = 0
                 stop.wait(poll)
-            if consumed < self.batch:
-                self.db.committed.wait(poll)
-                stop.wait(ROUND_GAP_SECONDS)
+            if consumed == 0:
+                self.db.committed.wait(poll)  # idle: the next commit starts a round at once
+            elif consumed < self.batch:
+                stop.wait(ROUND_GAP_SECONDS)  # busy: let the next changes gather
 
     def ensure_device(self) -> None:
-        """The Device every orchestrator Provenance names as its agent."""
+        """The Device every orchestrator Provenance names as its agent (written once,
+        with its own Provenance like every other write of the orchestrator)."""
         with self.db.write() as conn:
             ctx = self._context(conn)
             if Repository(conn).read("Device", "atm-orchestrator") is None:
-                write(ctx, "PUT", "Device/atm-orchestrator", writes.orchestrator_device())
+                device = write(ctx, "PUT", "Device/atm-orchestrator",
+                               writes.orchestrator_device())
+                write(ctx, "POST", "Provenance", writes.provenance(
+                    [versioned(device)], None, "the orchestrator registered itself",
+                    "CREATE", self.clock()))
 
 
 @contextmanager

@@ -356,3 +356,18 @@ def test_orchestrator_updates_keep_the_plans_tags_and_security_labels(
     plan = client.get(f"/fhir/CarePlan/{careplan['id']}").json()
     assert plan["meta"]["versionId"] == "2"  # the orchestrator linked the intake Task
     assert plan["meta"]["security"] == [label] and plan["meta"]["tag"] == [{"code": "trial-7"}]
+
+
+def test_a_role_can_be_assigned_to_a_care_team(client: TestClient,
+                                               orchestrator: Orchestrator) -> None:
+    team = created(client, {"resourceType": "CareTeam", "name": "Apheresis nurses"})
+    careplan = enrol(client)
+    plan = client.get(f"/fhir/CarePlan/{careplan['id']}").json()
+    plan["extension"].append({"url": ROLE_ASSIGNMENT, "extension": [
+        {"url": "role", "valueCode": "apheresis-centre"},
+        {"url": "organization", "valueReference": {"reference": f"CareTeam/{team['id']}"}}]})
+    assert client.put(f"/fhir/CarePlan/{plan['id']}", json=plan,
+                      headers={"content-type": FHIR}).status_code == 200
+    drive_to_qc(client, orchestrator, careplan["id"])
+    [apheresis] = tasks_by_stage(client, careplan["id"])["apheresis"]
+    assert apheresis["owner"] == {"reference": f"CareTeam/{team['id']}"}
