@@ -14,7 +14,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp
 
 from gateway import __version__, fhir
-from gateway.api import errors, fhir_routes, observability, ops
+from gateway.api import auth_routes, errors, fhir_routes, observability, ops
 from gateway.api.fhir_app import FhirEndpoint
 from gateway.settings import Settings, get_settings
 from gateway.store.database import Database, make_engine
@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
                   telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.settings = settings
     errors.install(app)
+    app.include_router(auth_routes.router)  # before /fhir/{type}/{id} can claim .well-known
     fhir_routes.register(app)
     app.include_router(ops.router)
     app.add_middleware(GZipMiddleware, minimum_size=1024)

@@ -22,6 +22,9 @@ app = typer.Typer(help="ATM Gateway: FHIR gateway and orchestrator for advanced 
                   no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+clients_app = typer.Typer(help="OAuth2 clients of partner systems (SMART Backend Services).",
+                          no_args_is_help=True)
+app.add_typer(clients_app, name="clients")
 protocols_app = typer.Typer(help="Therapy protocols: check, compile and load YAML protocols "
                             "(orchestration/PROTOCOLS.md).", no_args_is_help=True)
 app.add_typer(protocols_app, name="protocols")
@@ -116,6 +119,76 @@ def demo(server: str = typer.Option("http://127.0.0.1:8080/fhir", help="FHIR bas
         raise typer.Exit(1) from exc
     typer.echo("")
     typer.echo("\n".join(summary))
+
+
+def _database() -> Any:
+    from gateway.settings import get_settings
+    from gateway.store.database import Database, make_engine
+    from gateway.store.migrate import upgrade
+
+    settings = get_settings()
+    db = Database(make_engine(settings))
+    if settings.is_sqlite:
+        upgrade(db.engine)
+    return db
+
+
+@clients_app.command("add")
+def clients_add(
+        name: Annotated[str, typer.Option(help="What the partner system is called")],
+        role: Annotated[str, typer.Option(help="treatment-centre, apheresis-centre, courier, "
+                                          "manufacturer, payer, ehr, lims or admin")],
+        organization: Annotated[str, typer.Option(help="Organization/<id> it acts for")],
+        jwks_file: Annotated[Path | None, typer.Option(
+            exists=True, dir_okay=False, help="Its public keys, a JWK Set file")] = None,
+        jwks_url: Annotated[str | None, typer.Option(help="Where its JWK Set is")] = None,
+        scopes: Annotated[str, typer.Option(help="Widest scopes its tokens may carry")]
+        = "system/*.rs",
+) -> None:
+    """Register a client; print it (with its client_id) as JSON."""
+    from gateway.auth.clients import RegistrationError, add_client
+
+    try:
+        jwks = json.loads(jwks_file.read_text(encoding="utf-8")) if jwks_file else None
+    except (ValueError, UnicodeDecodeError) as exc:
+        _fail(f"{jwks_file} is not a JSON JWK Set ({exc})")
+    db = _database()
+    try:
+        client = add_client(db, name=name, role=role, organization=organization, jwks=jwks,
+                            jwks_url=jwks_url, scopes=scopes)
+    except RegistrationError as exc:
+        _fail(str(exc))
+    finally:
+        db.dispose()
+    typer.echo(json.dumps(client.summary(), indent=2))
+
+
+@clients_app.command("list")
+def clients_list() -> None:
+    """Every registered client, as JSON lines."""
+    from gateway.auth.clients import list_clients
+
+    db = _database()
+    try:
+        for client in list_clients(db):
+            typer.echo(json.dumps(client.summary()))
+    finally:
+        db.dispose()
+
+
+@clients_app.command("disable")
+def clients_disable(client_id: Annotated[str, typer.Argument(help="The client's id")]) -> None:
+    """Refuse the client new tokens; its current tokens stop working at once."""
+    from gateway.auth.clients import set_disabled
+
+    db = _database()
+    try:
+        found = set_disabled(db, client_id)
+    finally:
+        db.dispose()
+    if not found:
+        _fail(f"no client {client_id}")
+    typer.echo(f"client {client_id} disabled")
 
 
 @db_app.command("upgrade")

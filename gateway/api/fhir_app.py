@@ -28,6 +28,7 @@ from gateway.services.router import handle
 from gateway.store.repository import Actor
 
 PREFIX = "/fhir"
+WELL_KNOWN = PREFIX + "/.well-known/"
 GZIP_MIN_BYTES = 1024
 GZIP_LEVEL = 5  # most of level 9's saving on JSON at a fraction of its time
 INLINE_WRITE_BYTES = 64 * 1024  # larger bodies are written from a thread (see below)
@@ -92,7 +93,8 @@ class FhirEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or not (path == PREFIX or path.startswith(PREFIX + "/")):
+        if scope["type"] != "http" or not (path == PREFIX or path.startswith(PREFIX + "/")) \
+                or path.startswith(WELL_KNOWN):  # SMART discovery is FastAPI's
             await self.inner(scope, receive, send)
             return
         scope["app"] = self.app

@@ -11,6 +11,7 @@ from functools import lru_cache
 from typing import Any
 
 from gateway import __version__, jsonio
+from gateway.auth.tokens import auth_urls
 from gateway.fhir import FHIR_VERSION, r4_resource_types
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.store.search_params import TABLE_PARAMS, params_for
@@ -58,6 +59,19 @@ def _resource(resource_type: str) -> dict[str, Any]:
     }
 
 
+def _security(base_url: str) -> dict[str, Any]:
+    """SMART on FHIR, and where its OAuth2 endpoints are (the oauth-uris extension)."""
+    urls = auth_urls(base_url)
+    return {
+        "service": [{"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+            "code": "SMART-on-FHIR"}], "text": "SMART Backend Services (OAuth2)"}],
+        "extension": [{
+            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+            "extension": [{"url": name, "valueUri": urls[name]}
+                          for name in ("token", "introspect", "revoke")]}]}
+
+
 @lru_cache(maxsize=8)
 def capability_statement(base_url: str, software_date: str) -> bytes:
     statement = {
@@ -78,6 +92,7 @@ def capability_statement(base_url: str, software_date: str) -> bytes:
                                                   "history-system")],
             "searchParam": [{"name": n, "type": "special" if n == "_has" else "string"}
                             for n in RESULT_PARAMS],
+            "security": _security(base_url),
         }],
     }
     return jsonio.dumps(statement)

@@ -75,6 +75,39 @@ reactor_cursors = Table(
     Column("updated_at", BigInteger, nullable=False),
 )
 
+# OAuth2 clients (SMART Backend Services): who may ask for tokens, with which keys.
+oauth_clients = Table(
+    "oauth_clients", metadata,
+    Column("client_id", String(ID), primary_key=True),
+    Column("name", String(TOKEN), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("organization", String(TOKEN), nullable=False),
+    Column("jwks", Text, nullable=True),  # a JWK Set as JSON, or
+    Column("jwks_url", Text, nullable=True),  # where to fetch it
+    Column("scopes", Text, nullable=False),  # the widest a token may carry, space-separated
+    Column("disabled", Boolean, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+# Client-assertion ids already used (a jti is accepted once, until it would expire anyway).
+oauth_jtis = Table(
+    "oauth_jtis", metadata,
+    Column("client_id", String(ID), primary_key=True),
+    Column("jti", String(TOKEN), primary_key=True),
+    Column("expires_at", BigInteger, nullable=False),
+)
+
+# Access tokens, by the SHA-256 of their value (the value itself is never stored).
+oauth_tokens = Table(
+    "oauth_tokens", metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("client_id", String(ID), nullable=False),
+    Column("scopes", Text, nullable=False),
+    Column("issued_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("revoked", Boolean, nullable=False),
+)
+
 conditional_keys = Table(
     "conditional_keys", metadata,
     Column("res_type", String(TYPE), nullable=False, primary_key=True),

@@ -1,0 +1,125 @@
+"""OAuth2 endpoints of SMART Backend Services: discovery, token, introspection and
+revocation. Error answers follow RFC 6749 §5.2 (`{"error": ...}`), never saying which
+check of a client assertion failed."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from gateway.api.http import base_url, header_dict
+from gateway.auth import tokens
+from gateway.auth.clients import Client
+from gateway.auth.keys import JwksCache
+from gateway.auth.tokens import auth_urls
+
+router = APIRouter(tags=["auth"])
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+SCOPES_SUPPORTED = ["system/*.cruds", "system/*.rs", "system/Task.cruds", "system/Task.rs"]
+
+
+def _urls(request: Request) -> dict[str, str]:
+    settings = request.app.state.settings
+    return auth_urls(base_url(settings, request.scope, header_dict(request.scope)))
+
+
+def _error(status: int, code: str, description: str | None = None) -> JSONResponse:
+    body = {"error": code, **({"error_description": description} if description else {})}
+    return JSONResponse(body, status, headers=NO_STORE)
+
+
+async def _form(request: Request) -> dict[str, str] | None:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/x-www-form-urlencoded":
+        return None
+    try:
+        return dict(parse_qsl((await request.body()).decode("utf-8"), keep_blank_values=True))
+    except UnicodeDecodeError:
+        return None
+
+
+def _keys(request: Request) -> JwksCache:
+    cache: JwksCache | None = getattr(request.app.state, "jwks", None)
+    if cache is None:
+        cache = request.app.state.jwks = JwksCache()
+    return cache
+
+
+async def _authenticated(request: Request, form: dict[str, str]) -> Client | None:
+    try:
+        return await run_in_threadpool(
+            tokens.authenticate, request.app.state.db, _keys(request),
+            form.get("client_assertion_type"), form.get("client_assertion"),
+            _urls(request)["token"], int(time.time()))
+    except tokens.InvalidClientError as exc:
+        tokens.log.info("client authentication failed: %s", exc)
+        return None
+
+
+@router.get("/fhir/.well-known/smart-configuration", summary="SMART discovery",
+            operation_id="smart_configuration", response_class=JSONResponse)
+async def smart_configuration(request: Request) -> JSONResponse:
+    urls = _urls(request)
+    body: dict[str, Any] = {
+        "token_endpoint": urls["token"], "introspection_endpoint": urls["introspect"],
+        "revocation_endpoint": urls["revoke"],
+        "grant_types_supported": ["client_credentials"],
+        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": sorted(tokens.ALGORITHMS),
+        "scopes_supported": SCOPES_SUPPORTED,
+        "capabilities": ["client-confidential-asymmetric", "permission-v1", "permission-v2"],
+    }
+    return JSONResponse(body)
+
+
+@router.post("/auth/token", summary="Access token (client_credentials, private_key_jwt)",
+             operation_id="token", response_class=JSONResponse)
+async def token(request: Request) -> JSONResponse:
+    form = await _form(request)
+    if form is None:
+        return _error(400, "invalid_request", "send application/x-www-form-urlencoded")
+    if form.get("grant_type") != "client_credentials":
+        return _error(400, "unsupported_grant_type", "only client_credentials")
+    client = await _authenticated(request, form)
+    if client is None:
+        return _error(401, "invalid_client")
+    try:
+        value, grant = await run_in_threadpool(tokens.issue, request.app.state.db, client,
+                                               form.get("scope"), int(time.time()))
+    except tokens.InvalidScopeError as exc:
+        return _error(400, "invalid_scope", str(exc))
+    return JSONResponse({"access_token": value, "token_type": "bearer",
+                         "expires_in": tokens.TOKEN_SECONDS, "scope": grant.scopes},
+                        headers=NO_STORE)
+
+
+@router.post("/auth/introspect", summary="Token introspection (RFC 7662)",
+             operation_id="introspect", response_class=JSONResponse)
+async def introspect(request: Request) -> JSONResponse:
+    form = await _form(request)
+    if form is None or not form.get("token"):
+        return _error(400, "invalid_request", "send the token, form-encoded")
+    caller = await _authenticated(request, form)
+    if caller is None:
+        return _error(401, "invalid_client")
+    answer = await run_in_threadpool(tokens.introspect, request.app.state.db, form["token"],
+                                     caller, int(time.time()))
+    return JSONResponse(answer, headers=NO_STORE)
+
+
+@router.post("/auth/revoke", summary="Token revocation (RFC 7009)", operation_id="revoke",
+             response_class=JSONResponse)
+async def revoke(request: Request) -> JSONResponse:
+    form = await _form(request)
+    if form is None or not form.get("token"):
+        return _error(400, "invalid_request", "send the token, form-encoded")
+    caller = await _authenticated(request, form)
+    if caller is None:
+        return _error(401, "invalid_client")
+    await run_in_threadpool(tokens.revoke, request.app.state.db, form["token"], caller)
+    return JSONResponse({}, headers=NO_STORE)

@@ -1,0 +1,1 @@
+"""Partner access: SMART Backend Services clients, tokens and scopes."""
