@@ -16,6 +16,7 @@ from starlette.types import ASGIApp
 from gateway import __version__, fhir
 from gateway.api import auth_routes, errors, fhir_routes, observability, ops
 from gateway.api.fhir_app import FhirEndpoint
+from gateway.services.capability import AUTH_OFF_WARNING
 from gateway.settings import Settings, get_settings
 from gateway.store.database import Database, make_engine
 from gateway.store.migrate import upgrade
@@ -45,6 +46,9 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
             upgrade(db.engine)
         fhir.warm_up()
         app.state.db = db
+        if settings.auth == "off":
+            log.warning("%s Set ATM_AUTH=smart and register clients with `atm clients "
+                        "add` before any real data goes in.", AUTH_OFF_WARNING)
         from orchestration.runner import running_beside  # it builds on the services
 
         if settings.load_protocols:

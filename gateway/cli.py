@@ -47,7 +47,10 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on"),
     typer.echo(f"ATM Gateway: FHIR R4 at {base}"
                + (", the orchestrator advancing enrolments" if settings.orchestrator else "")
                + (", the shipped protocols loaded" if settings.load_protocols else "")
-               + f".\nWatch whole therapy journeys: atm demo --server {base}")
+               + f".\nWatch whole therapy journeys: atm demo --server {base}"
+               + ("\nWARNING: ATM_AUTH=off: no one is asked who they are; anyone can read "
+                  "and change everything. For local exploration only."
+                  if settings.auth == "off" else ""))
     with shared_metrics(workers):
         uvicorn.run("gateway.app:create_app", factory=True, host=host, port=port,
                     workers=workers, loop="uvloop", http="httptools", access_log=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +27,9 @@ class Settings(BaseSettings):
     max_include: int = 1000
     """Upper bound on resources added by _include/_revinclude to one page."""
     transaction_max_entries: int = 10_000
+    auth: Literal["smart", "off"] = "off"
+    """smart: every FHIR request needs a SMART Backend Services access token whose
+    scopes allow it (/metadata and discovery excepted). off: anyone may do anything."""
     orchestrator: bool = True
     """Advance enrolments (CarePlans of a loaded protocol) in a thread beside the API."""
     orchestrator_workers: int = 4

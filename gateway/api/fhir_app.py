@@ -11,6 +11,7 @@ which run on the event loop and share commits (Database.write_on_loop).
 from __future__ import annotations
 
 import gzip
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -22,7 +23,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.api.errors import outcome_response, unexpected_response
 from gateway.api.http import FHIR_JSON_UTF8, base_url, check_accept, header_dict, read_body
-from gateway.errors import FhirError
+from gateway.auth.tokens import Grant, active_grant
+from gateway.errors import FhirError, UnauthorizedError
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.router import handle
 from gateway.store.repository import Actor
@@ -137,6 +139,23 @@ async def respond(request: Request) -> Response:
     return Response(result.body, result.status, result.headers, media_type=FHIR_JSON_UTF8)
 
 
+async def _grant(db: Any, headers: dict[str, str], path: str) -> Grant | None:
+    """The caller's grant, from its bearer token; 401 without a valid one. The
+    CapabilityStatement is open to all (clients read it to find the token endpoint)."""
+    if path == "metadata":
+        return None
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    grant = None
+    if scheme.lower() == "bearer" and token.strip():
+        grant = await run_in_threadpool(active_grant, db, token.strip(), int(time.time()))
+    if grant is None:
+        message = ("A SMART Backend Services access token is required (Authorization: "
+                   "Bearer …); it is missing, expired, revoked, or not one of ours")
+        raise UnauthorizedError(message, headers={
+            "WWW-Authenticate": 'Bearer realm="atm", error="invalid_token"'})
+    return grant
+
+
 async def answer(app: Any, scope: Scope, receive: Receive,
                  headers: dict[str, str]) -> FhirResponse:
     """Answer one FHIR request; failures raise (FhirError for the client's mistakes)."""
@@ -148,8 +167,11 @@ async def answer(app: Any, scope: Scope, receive: Receive,
     body = await read_body(scope["method"], headers, receive, settings.max_body_bytes)
     fhir_request = FhirRequest(method=method, path=path, query=query, headers=headers,
                                body=body, content_type=headers.get("content-type"))
+    grant = await _grant(db, headers, path) if settings.auth == "smart" else None
     ctx = Context(db=db, settings=settings, base_url=base_url(settings, scope, headers),
-                  actor=Actor(request_id=scope.get("state", {}).get("request_id")))
+                  actor=Actor(name=grant.client.client_id if grant else None,
+                              request_id=scope.get("state", {}).get("request_id")),
+                  grant=grant)
     if db.is_sqlite and _is_instance_read(method, path):
         return handle(ctx, fhir_request)
     if db.is_sqlite and _is_single_write(method, path, query, headers, body):

@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 
 from gateway.auth.clients import Client, get_client
 from gateway.auth.keys import JwksCache, KeyLookupError
-from gateway.auth.scopes import ScopeError, narrow, parse_scopes, render
+from gateway.auth.scopes import Scope, ScopeError, narrow, parse_scopes, render
 from gateway.store.database import Database
 from gateway.store.schema import oauth_jtis, oauth_tokens
 
@@ -51,6 +51,10 @@ class Grant:
     client: Client
     scopes: str
     expires_at: int  # seconds since the epoch
+
+    @property
+    def scope_list(self) -> list[Scope]:
+        return parse_scopes(self.scopes)
 
 
 def auth_urls(fhir_base: str) -> dict[str, str]:

@@ -59,8 +59,15 @@ def _resource(resource_type: str) -> dict[str, Any]:
     }
 
 
-def _security(base_url: str) -> dict[str, Any]:
-    """SMART on FHIR, and where its OAuth2 endpoints are (the oauth-uris extension)."""
+AUTH_OFF_WARNING = ("ATM_AUTH=off: this server asks no one who they are, and anyone "
+                    "can read and change everything. For local exploration only.")
+
+
+def _security(base_url: str, auth_on: bool) -> dict[str, Any]:
+    """SMART on FHIR, and where its OAuth2 endpoints are (the oauth-uris extension); with
+    authentication off, a warning in its place."""
+    if not auth_on:
+        return {"description": AUTH_OFF_WARNING}
     urls = auth_urls(base_url)
     return {
         "service": [{"coding": [{
@@ -73,7 +80,7 @@ def _security(base_url: str) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=8)
-def capability_statement(base_url: str, software_date: str) -> bytes:
+def capability_statement(base_url: str, software_date: str, auth_on: bool = True) -> bytes:
     statement = {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -92,11 +99,12 @@ def capability_statement(base_url: str, software_date: str) -> bytes:
                                                   "history-system")],
             "searchParam": [{"name": n, "type": "special" if n == "_has" else "string"}
                             for n in RESULT_PARAMS],
-            "security": _security(base_url),
+            "security": _security(base_url, auth_on),
         }],
     }
     return jsonio.dumps(statement)
 
 
 def capability_response(ctx: Context, request: FhirRequest) -> FhirResponse:
-    return FhirResponse(200, capability_statement(ctx.base_url, STARTED))
+    return FhirResponse(200, capability_statement(ctx.base_url, STARTED,
+                                                  ctx.settings.auth == "smart"))

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from gateway.auth.tokens import Grant
 from gateway.settings import Settings
 from gateway.store.database import Database
 from gateway.store.repository import Actor, Repository, Version, point_read
@@ -48,6 +49,7 @@ class Context:
     base_url: str
     actor: Actor = field(default_factory=Actor)
     conn: Connection | None = None
+    grant: Grant | None = None  # what the caller's token allows; None: internal or auth off
 
     @contextmanager
     def writing(self) -> Iterator[Repository]:

@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl
 from sqlalchemy.exc import DBAPIError
 
 from gateway.errors import ConflictError, InvalidError, MethodNotAllowedError, NotFoundError
-from gateway.services import bundle, capability, crud, history, operations, search
+from gateway.services import access, bundle, capability, crud, history, operations, search
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.resources import check_type
 from gateway.store.database import is_transient
@@ -51,6 +51,7 @@ def handle(ctx: Context, request: FhirRequest) -> FhirResponse:
 
 
 def dispatch(ctx: Context, request: FhirRequest) -> FhirResponse:
+    access.authorize(ctx.grant, request)
     parts = [p for p in request.path.strip("/").split("/") if p]
     method = request.method
     if not parts:

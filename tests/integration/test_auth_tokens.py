@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from gateway.auth.clients import Client, RegistrationError, add_client, set_disabled
 from gateway.cli import app as cli
 from gateway.store.database import Database
+from tests.conftest import client_with
 
 TOKEN_URL = "http://testserver/auth/token"
 FORM = {"content-type": "application/x-www-form-urlencoded"}
@@ -58,7 +59,7 @@ def courier(db: Database) -> Client:
                       jwks=public_set(RSA, EC), scopes="system/Task.rs system/Specimen.rs")
 
 
-def test_discovery_in_both_places_clients_look(client: TestClient) -> None:
+def test_discovery_in_both_places_clients_look(client: TestClient, settings: Any) -> None:
     config = client.get("/fhir/.well-known/smart-configuration")
     assert config.status_code == 200
     body = config.json()
@@ -66,7 +67,8 @@ def test_discovery_in_both_places_clients_look(client: TestClient) -> None:
     assert body["token_endpoint_auth_methods_supported"] == ["private_key_jwt"]
     assert body["token_endpoint_auth_signing_alg_values_supported"] == ["ES384", "RS384"]
     assert "client-confidential-asymmetric" in body["capabilities"]
-    security = client.get("/fhir/metadata").json()["rest"][0]["security"]
+    with client_with(settings, auth="smart") as guarded:
+        security = guarded.get("/fhir/metadata").json()["rest"][0]["security"]
     [uris] = security["extension"]
     assert {e["url"]: e["valueUri"] for e in uris["extension"]} == {
         "token": TOKEN_URL, "introspect": "http://testserver/auth/introspect",
@@ -140,8 +142,6 @@ def test_a_replayed_jti_is_refused(client: TestClient, courier: Client) -> None:
 
 
 def test_a_jti_is_remembered_across_restarts(settings: Any, courier: Client) -> None:
-    from tests.conftest import client_with
-
     signed = assertion(courier)
     with client_with(settings) as first:
         assert token_request(first, signed).status_code == 200

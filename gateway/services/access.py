@@ -1,0 +1,57 @@
+"""Which SMART scope right a FHIR request needs, checked for every request and every
+Bundle entry (they are dispatched alike) when the caller came with a token.
+
+Rights are create, read, update, delete, search (`system/Type.cruds`). Per-partner
+instance rules (which Tasks a courier sees) are not here yet: a scope opens a type."""
+
+from __future__ import annotations
+
+from gateway.auth.tokens import Grant
+from gateway.errors import ForbiddenError, Issue
+from gateway.services.context import FhirRequest
+
+_BY_METHOD = {"GET": "r", "POST": "c", "PUT": "u", "PATCH": "u", "DELETE": "d"}
+
+
+def needed(request: FhirRequest) -> tuple[str, str] | None:
+    """(resource type or "*", right) the request needs; None when it needs none (the
+    CapabilityStatement, and a Bundle, whose entries are checked one by one)."""
+    parts = [p for p in request.path.strip("/").split("/") if p]
+    method = request.method
+    if not parts:
+        return None if method == "POST" else ("*", "s")
+    head, rest = parts[0], parts[1:]
+    if head == "metadata":
+        return None
+    if head in ("_history", "_search"):
+        return "*", "s"
+    if head.startswith("$"):
+        return "*", "r"
+    if not rest:
+        return head, "s" if method == "GET" else _BY_METHOD.get(method, "r")
+    if rest[0] in ("_search", "_history") and len(rest) == 1:
+        return head, "s"
+    if rest[0].startswith("$"):
+        return head, "r"
+    if len(rest) > 1:  # Type/id/_history[/vid], Type/id/$op
+        return head, "r"
+    return head, _BY_METHOD.get(method, "r")
+
+
+def authorize(grant: Grant | None, request: FhirRequest) -> None:
+    """Refuse (403) what the token's scopes do not cover; no grant means an internal
+    caller (the orchestrator) or a server run with ATM_AUTH=off."""
+    if grant is None:
+        return
+    need = needed(request)
+    if need is None:
+        return
+    resource_type, right = need
+    if any(scope.covers(resource_type, right) for scope in grant.scope_list):
+        return
+    message = (f"This client's scopes ({grant.scopes}) do not allow "
+               f"{_RIGHTS[right]} on {'any type' if resource_type == '*' else resource_type}")
+    raise ForbiddenError(message, issues=[Issue("forbidden", message)])
+
+
+_RIGHTS = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}

@@ -1,0 +1,129 @@
+"""With ATM_AUTH=smart every FHIR request needs a token whose scopes allow it: checked
+for plain requests and for each entry of a batch or transaction alike."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway.auth.clients import Client, add_client, set_disabled
+from gateway.settings import Settings
+from gateway.store.database import Database
+from tests.conftest import client_with
+from tests.factories import patient, task
+from tests.integration.test_auth_tokens import RSA, assertion, public_set, token_request
+
+FHIR = {"content-type": "application/fhir+json"}
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with client_with(settings, auth="smart") as test_client:
+        yield test_client
+
+
+def register(db: Database, scopes: str, role: str = "lims") -> Client:
+    return add_client(db, name=f"client for {scopes}", role=role,
+                      organization="Organization/lab", jwks=public_set(RSA), scopes=scopes)
+
+
+def bearer(client: TestClient, registered: Client) -> dict[str, str]:
+    response = token_request(client, assertion(registered))
+    assert response.status_code == 200, response.text
+    return {**FHIR, "authorization": f"Bearer {response.json()['access_token']}"}
+
+
+@pytest.fixture
+def writer(client: TestClient, db: Database) -> dict[str, str]:
+    return bearer(client, register(db, "system/*.cruds"))
+
+
+@pytest.fixture
+def task_reader(client: TestClient, db: Database) -> dict[str, str]:
+    return bearer(client, register(db, "system/Task.rs"))
+
+
+def count(client: TestClient, headers: dict[str, str], resource_type: str) -> int:
+    return int(client.get(f"/fhir/{resource_type}?_summary=count", headers=headers)
+               .json()["total"])
+
+
+def test_without_a_token_it_is_401_with_the_way_to_get_one(client: TestClient) -> None:
+    response = client.get("/fhir/Task")
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == 'Bearer realm="atm", error="invalid_token"'
+    assert response.json() == {"resourceType": "OperationOutcome", "issue": [{
+        "severity": "error", "code": "login", "diagnostics":
+        "A SMART Backend Services access token is required (Authorization: Bearer …); it "
+        "is missing, expired, revoked, or not one of ours"}]}
+    assert client.get("/fhir/Task", headers={"authorization": "Bearer nonsense"}
+                      ).status_code == 401
+
+
+def test_metadata_and_discovery_need_no_token(client: TestClient) -> None:
+    metadata = client.get("/fhir/metadata")
+    assert metadata.status_code == 200
+    assert metadata.json()["rest"][0]["security"]["service"][0]["coding"][0]["code"] == \
+        "SMART-on-FHIR"
+    assert client.get("/fhir/.well-known/smart-configuration").status_code == 200
+
+
+def test_scopes_decide_type_and_interaction(client: TestClient, writer: dict[str, str],
+                                            task_reader: dict[str, str]) -> None:
+    created = client.post("/fhir/Task", json=task(), headers=writer)
+    assert created.status_code == 201
+    task_id = created.json()["id"]
+    assert client.get(f"/fhir/Task/{task_id}", headers=task_reader).status_code == 200
+    assert client.get("/fhir/Task?status=ready", headers=task_reader).status_code == 200
+    refused = client.post("/fhir/Task", json=task(), headers=task_reader)
+    assert refused.status_code == 403
+    assert refused.json()["issue"][0] == {
+        "severity": "error", "code": "forbidden", "diagnostics":
+        "This client's scopes (system/Task.rs) do not allow create on Task"}
+    assert client.delete(f"/fhir/Task/{task_id}", headers=task_reader).status_code == 403
+    assert client.get("/fhir/Patient", headers=task_reader).status_code == 403
+    assert client.get("/fhir/_history", headers=task_reader).status_code == 403
+    assert count(client, writer, "Task") == 1  # nothing the refused requests wanted
+
+
+def test_each_bundle_entry_is_checked(client: TestClient, db: Database,
+                                      writer: dict[str, str]) -> None:
+    task_writer = bearer(client, register(db, "system/Task.cruds"))
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": task(), "request": {"method": "POST", "url": "Task"}},
+        {"resource": patient(), "request": {"method": "POST", "url": "Patient"}}]}
+    response = client.post("/fhir", json=bundle, headers=task_writer)
+    assert response.status_code == 403
+    assert count(client, writer, "Task") == 0 and count(client, writer, "Patient") == 0
+    bundle["type"] = "batch"
+    answers = client.post("/fhir", json=bundle, headers=task_writer).json()["entry"]
+    assert [a["response"]["status"][:3] for a in answers] == ["201", "403"]
+
+
+def test_a_revoked_or_disabled_clients_token_stops_working_at_once(
+        client: TestClient, db: Database) -> None:
+    registered = register(db, "system/Task.rs")
+    headers = bearer(client, registered)
+    assert client.get("/fhir/Task", headers=headers).status_code == 200
+    set_disabled(db, registered.client_id)
+    assert client.get("/fhir/Task", headers=headers).status_code == 401
+
+
+def test_a_token_expires(client: TestClient, db: Database,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    headers = bearer(client, register(db, "system/Task.rs"))
+    later = time.time() + 301
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert client.get("/fhir/Task", headers=headers).status_code == 401
+
+
+def test_with_auth_off_metadata_says_so(settings: Settings) -> None:
+    with client_with(settings, auth="off") as open_client:
+        security = open_client.get("/fhir/metadata").json()["rest"][0]["security"]
+    assert security == {"description": "ATM_AUTH=off: this server asks no one who they "
+                        "are, and anyone can read and change everything. For local "
+                        "exploration only."}
