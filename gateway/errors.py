@@ -118,6 +118,12 @@ class MultipleMatchesError(PreconditionFailedError):
     code = "multiple-matches"
 
 
+class ThrottledError(FhirError):
+    """A client over its request rate (with Retry-After)."""
+
+    status, code = 429, "throttled"
+
+
 class TooCostlyError(FhirError):
     status, code = 400, "too-costly"
 
@@ -132,5 +138,6 @@ ALL_ERRORS: tuple[type[FhirError], ...] = (
     InvalidError, StructureError, NotSupportedError, UnauthorizedError, ForbiddenError,
     NotFoundError, MethodNotAllowedError, NotAcceptableError, ConflictError, GoneError,
     PreconditionFailedError, TooLargeError, UnsupportedMediaTypeError, BusinessRuleError,
-    UnprocessableError, MultipleMatchesError, TooCostlyError, UnexpectedError,
+    UnprocessableError, MultipleMatchesError, ThrottledError, TooCostlyError,
+    UnexpectedError,
 )

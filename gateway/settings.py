@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     auth: Literal["smart", "off"] = "off"
     """smart: every FHIR request needs a SMART Backend Services access token whose
     scopes allow it (/metadata and discovery excepted). off: anyone may do anything."""
+    rate_limit_per_second: float = 200.0
+    """Requests a second each client may make (ATM_AUTH=smart; 0: no limit)."""
+    rate_limit_burst: int = 400
+    """Requests a client may make at once before its rate applies."""
     orchestrator: bool = True
     """Advance enrolments (CarePlans of a loaded protocol) in a thread beside the API."""
     orchestrator_workers: int = 4

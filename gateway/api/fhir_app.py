@@ -23,8 +23,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.api.errors import outcome_response, unexpected_response
 from gateway.api.http import FHIR_JSON_UTF8, base_url, check_accept, header_dict, read_body
+from gateway.auth.ratelimit import RateLimiter
 from gateway.auth.tokens import Grant, active_grant
-from gateway.errors import FhirError, UnauthorizedError
+from gateway.errors import FhirError, ThrottledError, UnauthorizedError
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.router import handle
 from gateway.store.repository import Actor
@@ -156,6 +157,20 @@ async def _grant(db: Any, headers: dict[str, str], path: str) -> Grant | None:
     return grant
 
 
+def _throttle(app: Any, grant: Grant) -> None:
+    """429 with Retry-After for a client over its rate; the others are not slowed."""
+    limiter: RateLimiter | None = getattr(app.state, "rate_limiter", None)
+    if limiter is None:
+        settings = app.state.settings
+        limiter = app.state.rate_limiter = RateLimiter(settings.rate_limit_per_second,
+                                                       settings.rate_limit_burst)
+    wait = limiter.retry_after(grant.client.client_id, time.monotonic())
+    if wait is not None:
+        raise ThrottledError(f"This client is over its rate of {limiter.per_second:g} "
+                             f"requests a second; retry in {wait} s",
+                             headers={"Retry-After": str(wait)})
+
+
 async def answer(app: Any, scope: Scope, receive: Receive,
                  headers: dict[str, str]) -> FhirResponse:
     """Answer one FHIR request; failures raise (FhirError for the client's mistakes)."""
@@ -168,6 +183,8 @@ async def answer(app: Any, scope: Scope, receive: Receive,
     fhir_request = FhirRequest(method=method, path=path, query=query, headers=headers,
                                body=body, content_type=headers.get("content-type"))
     grant = await _grant(db, headers, path) if settings.auth == "smart" else None
+    if grant is not None:
+        _throttle(app, grant)
     ctx = Context(db=db, settings=settings, base_url=base_url(settings, scope, headers),
                   actor=Actor(name=grant.client.client_id if grant else None,
                               request_id=scope.get("state", {}).get("request_id")),

@@ -1,5 +1,6 @@
 """Which SMART scope right a FHIR request needs, checked for every request and every
-Bundle entry (they are dispatched alike) when the caller came with a token.
+Bundle entry (they are dispatched alike) when the caller came with a token; and the
+records nobody may change.
 
 Rights are create, read, update, delete, search (`system/Type.cruds`). Per-partner
 instance rules (which Tasks a courier sees) are not here yet: a scope opens a type."""
@@ -7,8 +8,12 @@ instance rules (which Tasks a courier sees) are not here yet: a scope opens a ty
 from __future__ import annotations
 
 from gateway.auth.tokens import Grant
-from gateway.errors import ForbiddenError, Issue
+from gateway.errors import ForbiddenError, Issue, MethodNotAllowedError
 from gateway.services.context import FhirRequest
+
+IMMUTABLE = frozenset({"Provenance", "AuditEvent"})
+"""Records of who did what: created, never changed or deleted, by anyone (21 CFR Part 11
+§11.10(e), EU GMP Annex 11 §9)."""
 
 _BY_METHOD = {"GET": "r", "POST": "c", "PUT": "u", "PATCH": "u", "DELETE": "d"}
 
@@ -36,6 +41,17 @@ def needed(request: FhirRequest) -> tuple[str, str] | None:
     if len(rest) > 1:  # Type/id/_history[/vid], Type/id/$op
         return head, "r"
     return head, _BY_METHOD.get(method, "r")
+
+
+def check_immutable(request: FhirRequest) -> None:
+    """Refuse (405) changing or deleting a Provenance or AuditEvent, whoever asks."""
+    if request.method not in ("PUT", "PATCH", "DELETE"):
+        return
+    resource_type = request.path.strip("/").split("/", 1)[0]
+    if resource_type in IMMUTABLE:
+        raise MethodNotAllowedError(
+            f"{resource_type} is a record of what happened: it is created once and never "
+            "changed or deleted", headers={"Allow": "GET, HEAD, POST"})
 
 
 def authorize(grant: Grant | None, request: FhirRequest) -> None:

@@ -52,6 +52,7 @@ def handle(ctx: Context, request: FhirRequest) -> FhirResponse:
 
 def dispatch(ctx: Context, request: FhirRequest) -> FhirResponse:
     access.authorize(ctx.grant, request)
+    access.check_immutable(request)
     parts = [p for p in request.path.strip("/").split("/") if p]
     method = request.method
     if not parts:

@@ -127,3 +127,56 @@ def test_with_auth_off_metadata_says_so(settings: Settings) -> None:
     assert security == {"description": "ATM_AUTH=off: this server asks no one who they "
                         "are, and anyone can read and change everything. For local "
                         "exploration only."}
+
+
+@pytest.mark.parametrize("resource_type", ["Provenance", "AuditEvent"])
+def test_records_of_what_happened_are_immutable_for_everyone(
+        settings: Settings, db: Database, resource_type: str) -> None:
+    body = ({"resourceType": "Provenance", "target": [{"reference": "Task/1"}],
+             "recorded": "2026-11-23T07:00:00Z",
+             "agent": [{"who": {"reference": "Device/d"}}]}
+            if resource_type == "Provenance" else
+            {"resourceType": "AuditEvent", "type": {"code": "rest"},
+             "recorded": "2026-11-23T07:00:00Z",
+             "agent": [{"requestor": True, "who": {"reference": "Device/d"}}],
+             "source": {"observer": {"reference": "Device/d"}}})
+    with client_with(settings, auth="smart") as guarded:
+        admin = bearer(guarded, register(db, "system/*.cruds", role="admin"))
+        created = guarded.post(f"/fhir/{resource_type}", json=body, headers=admin)
+        assert created.status_code == 201, created.text
+        record = created.json()
+        path = f"/fhir/{resource_type}/{record['id']}"
+        for response in (guarded.put(path, json=record, headers=admin),
+                         guarded.patch(path, json=[], headers={
+                             **admin, "content-type": "application/json-patch+json"}),
+                         guarded.delete(path, headers=admin)):
+            assert response.status_code == 405
+            assert response.headers["allow"] == "GET, HEAD, POST"
+            assert "never changed or deleted" in response.json()["issue"][0]["diagnostics"]
+        assert guarded.get(path, headers=admin).json()["meta"]["versionId"] == "1"
+    with client_with(settings, auth="off") as open_client:  # not even with auth off
+        assert open_client.delete(path).status_code == 405
+
+
+def test_a_client_over_its_rate_gets_429_and_the_others_go_on(
+        settings: Settings, db: Database) -> None:
+    with client_with(settings, auth="smart", rate_limit_per_second=0.5,
+                     rate_limit_burst=3) as guarded:
+        busy = bearer(guarded, register(db, "system/Task.rs"))
+        calm = bearer(guarded, register(db, "system/Task.rs"))
+        statuses = [guarded.get("/fhir/Task", headers=busy).status_code for _ in range(5)]
+        assert statuses == [200, 200, 200, 429, 429]
+        throttled = guarded.get("/fhir/Task", headers=busy)
+        assert throttled.headers["retry-after"] == "2"
+        assert throttled.json()["issue"][0]["code"] == "throttled"
+        assert guarded.get("/fhir/Task", headers=calm).status_code == 200
+
+
+def test_rate_limiter_refills_at_its_rate() -> None:
+    from gateway.auth.ratelimit import RateLimiter
+
+    limiter = RateLimiter(per_second=2.0, burst=2)
+    assert [limiter.retry_after("c", 0.0) for _ in range(3)] == [None, None, 1]
+    assert limiter.retry_after("c", 0.5) is None  # one token back after half a second
+    assert limiter.retry_after("c", 0.5) == 1
+    assert limiter.retry_after("other", 0.5) is None

@@ -28,6 +28,7 @@ EXPECTED = {
     "TooLargeError": (413, "too-costly"), "UnsupportedMediaTypeError": (415, "not-supported"),
     "BusinessRuleError": (422, "business-rule"), "UnprocessableError": (422, "processing"),
     "MultipleMatchesError": (412, "multiple-matches"), "TooCostlyError": (400, "too-costly"),
+    "ThrottledError": (429, "throttled"),
     "UnexpectedError": (500, "exception"),
 }
 
