@@ -7,6 +7,9 @@ instance rules (which Tasks a courier sees) are not here yet: a scope opens a ty
 
 from __future__ import annotations
 
+from typing import NoReturn
+from urllib.parse import parse_qsl
+
 from gateway.auth.tokens import Grant
 from gateway.errors import ForbiddenError, Issue, MethodNotAllowedError
 from gateway.services.context import FhirRequest
@@ -63,10 +66,29 @@ def authorize(grant: Grant | None, request: FhirRequest) -> None:
     if need is None:
         return
     resource_type, right = need
-    if any(scope.covers(resource_type, right) for scope in grant.scope_list):
-        return
-    message = (f"This client's scopes ({grant.scopes}) do not allow "
-               f"{_RIGHTS[right]} on {'any type' if resource_type == '*' else resource_type}")
+    scopes = grant.scope_list
+    if not any(scope.covers(resource_type, right) for scope in scopes):
+        _refuse(grant, f"{_RIGHTS[right]} on "
+                       f"{'any type' if resource_type == '*' else resource_type}")
+    if right == "s" and _reaches_other_types(request) and not any(
+            scope.covers("*", "r") for scope in scopes):
+        # Until per-partner rules decide what each included or joined resource may show,
+        # searches that bring in or filter on other types need read on every type.
+        _refuse(grant, "_include, _revinclude, chained parameters or _has (they need "
+                       "system/*.r)")
+
+
+def _reaches_other_types(request: FhirRequest) -> bool:
+    pairs = list(request.query)
+    media = (request.content_type or "").split(";")[0].strip().lower()
+    if request.body and media == "application/x-www-form-urlencoded":
+        pairs += parse_qsl(request.body.decode("utf-8", "replace"), keep_blank_values=True)
+    return any(name.split(":")[0] in ("_include", "_revinclude", "_has") or "." in name
+               for name, _ in pairs)
+
+
+def _refuse(grant: Grant, what: str) -> NoReturn:
+    message = f"This client's scopes ({grant.scopes}) do not allow {what}"
     raise ForbiddenError(message, issues=[Issue("forbidden", message)])
 
 

@@ -180,3 +180,21 @@ def test_rate_limiter_refills_at_its_rate() -> None:
     assert limiter.retry_after("c", 0.5) is None  # one token back after half a second
     assert limiter.retry_after("c", 0.5) == 1
     assert limiter.retry_after("other", 0.5) is None
+
+
+@pytest.mark.parametrize("query", ["_include=Task:owner", "_revinclude=Provenance:target",
+                                   "_has:Provenance:target:agent=Device/x",
+                                   "patient.name=Durand", "focus:Specimen.type=x"])
+def test_a_type_scoped_client_cannot_reach_other_types_through_a_search(
+        client: TestClient, task_reader: dict[str, str], query: str) -> None:
+    response = client.get(f"/fhir/Task?{query}", headers=task_reader)
+    assert response.status_code == 403
+    assert "need system/*.r" in response.json()["issue"][0]["diagnostics"]
+    posted = client.post("/fhir/Task/_search", content=query.encode(), headers={
+        **task_reader, "content-type": "application/x-www-form-urlencoded"})
+    assert posted.status_code == 403
+
+
+def test_a_client_that_reads_every_type_may_include(client: TestClient, db: Database) -> None:
+    reader = bearer(client, register(db, "system/*.rs"))
+    assert client.get("/fhir/Task?_include=Task:owner", headers=reader).status_code == 200
