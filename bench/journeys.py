@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 from mappings.protocols import compile_protocol
-from orchestration.state import resource_id
+from orchestration.state import parse_instant, resource_id
 
 PROTOCOL = """
 protocol: bench-journey
@@ -66,7 +66,9 @@ class Tally:
 
 
 def _stamp(resource: dict[str, Any]) -> datetime:
-    return datetime.fromisoformat(resource["meta"]["lastUpdated"].replace("Z", "+00:00"))
+    stamped = parse_instant(resource["meta"]["lastUpdated"])
+    assert stamped is not None
+    return stamped
 
 
 class Driver:

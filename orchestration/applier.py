@@ -21,6 +21,7 @@ from orchestration.effects import (
     SkipStage,
     StartStage,
 )
+from orchestration.engine import version_reference
 from orchestration.protocol import Protocol
 from orchestration.state import PlanState
 
@@ -38,9 +39,10 @@ def write(ctx: Context, method: str, path: str, resource: dict[str, Any],
 
 
 def versioned(resource: dict[str, Any]) -> str:
-    reference = f"{resource['resourceType']}/{resource['id']}"
-    version = resource.get("meta", {}).get("versionId")
-    return f"{reference}/_history/{version}" if version else reference
+    """"Type/id/_history/n" of a resource the store has just answered with."""
+    reference = version_reference(resource)
+    assert reference is not None
+    return reference
 
 
 class Writer:

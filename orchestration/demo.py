@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from orchestration.protocol import Protocol, from_plan_definition
+from orchestration.protocol import Protocol, definitions, from_plan_definition
 from orchestration.state import KEY_SYSTEM, ROLE_ASSIGNMENT, parse_instant
 
 FHIR_JSON = "application/fhir+json"
@@ -84,7 +84,7 @@ class Demo:
         plans = self._search("PlanDefinition?status=active&_sort=url")
         found = []
         for plan in plans:
-            urls = sorted({c.split("|")[0] for c in _definitions(plan.get("action", []))})
+            urls = sorted({c.split("|")[0] for c in definitions(plan.get("action", []))})
             activities = [a for i in range(0, len(urls), 20) for a in
                           self._search("ActivityDefinition?url=" + ",".join(urls[i:i + 20]))]
             found.append((plan, from_plan_definition(plan, activities)))
@@ -192,15 +192,6 @@ class Demo:
         lines.append(f"{total_tasks} Tasks written by the orchestrator, "
                      f"{provenances.get('total', 0)} Provenances naming it")
         return lines
-
-
-def _definitions(actions: list[dict[str, Any]]) -> list[str]:
-    found = []
-    for action in actions:
-        if action.get("definitionCanonical"):
-            found.append(action["definitionCanonical"])
-        found += _definitions(action.get("action", []))
-    return found
 
 
 def run_demo(base_url: str, patients: int, say: Say, *, timeout: float = 120.0) -> list[str]:

@@ -172,6 +172,16 @@ def _stages(actions: list[dict[str, Any]], parent: str | None,
         yield from _stages(children, stage_id, kinds)
 
 
+def definitions(actions: Sequence[dict[str, Any]]) -> list[str]:
+    """Every action's definitionCanonical, nested actions included."""
+    found: list[str] = []
+    for action in actions:
+        if action.get("definitionCanonical"):
+            found.append(action["definitionCanonical"])
+        found += definitions(action.get("action", []))
+    return found
+
+
 def from_plan_definition(plan: dict[str, Any],
                          activities: Sequence[dict[str, Any]] = ()) -> Protocol:
     """The protocol a PlanDefinition describes; `activities` give each stage's kind."""

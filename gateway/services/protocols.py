@@ -6,7 +6,6 @@ https://hl7.org/fhir/R4/plandefinition-operation-apply.html
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,14 @@ from gateway.services.search import match_ids
 from gateway.store.repository import Repository
 from orchestration.effects import StartStage
 from orchestration.engine import decide
-from orchestration.protocol import Protocol, ProtocolFormError, from_plan_definition
+from orchestration.protocol import (
+    Protocol,
+    ProtocolFormError,
+    definitions,
+    from_plan_definition,
+)
 from orchestration.state import plan_state
-
-
-def _definitions(actions: Iterable[dict[str, Any]]) -> Iterable[str]:
-    for action in actions:
-        if action.get("definitionCanonical"):
-            yield action["definitionCanonical"]
-        yield from _definitions(action.get("action", []))
+from orchestration.writes import instant
 
 
 def _by_canonical(ctx: Context, repo: Repository, resource_type: str,
@@ -41,7 +39,7 @@ def _by_canonical(ctx: Context, repo: Repository, resource_type: str,
 def protocol_from_store(ctx: Context, repo: Repository, plan: dict[str, Any]) -> Protocol:
     """The protocol of a stored PlanDefinition, with its ActivityDefinitions' kinds."""
     activities = []
-    for canonical in _definitions(plan.get("action", [])):
+    for canonical in definitions(plan.get("action", [])):
         found_id = _by_canonical(ctx, repo, "ActivityDefinition", canonical)
         found = repo.read("ActivityDefinition", found_id) if found_id else None
         if found is not None and not found.deleted:
@@ -98,9 +96,8 @@ def _activity(protocol: Protocol, stage_id: str, due: StartStage | None) -> dict
     if stage.definition:
         detail["instantiatesCanonical"] = [stage.definition]
     if due is not None:
-        detail["scheduledPeriod"] = {"start": due.start.isoformat().replace("+00:00", "Z"),
-                                     **({"end": due.end.isoformat().replace("+00:00", "Z")}
-                                        if due.end else {})}
+        detail["scheduledPeriod"] = {"start": instant(due.start),
+                                     **({"end": instant(due.end)} if due.end else {})}
     return detail
 
 
