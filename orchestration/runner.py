@@ -162,7 +162,16 @@ class Orchestrator:
             ctx = self._context(conn)
             ids = match_ids(ctx, Repository(conn), "CarePlan", [("status", "active")],
                             limit=100_000)
-        return sum(1 for done in self._pool.map(self.advance, ids) if done.effects)
+        return sum(1 for done in self._pool.map(self._advance_if_due, ids) if done.effects)
+
+    def _advance_if_due(self, careplan_id: str) -> Advance:
+        """Look first in a read transaction: most enrolments have nothing due, and need
+        no lock or write transaction to find that out."""
+        with self.db.read() as conn:
+            loaded = self._load(self._context(conn), Repository(conn), careplan_id)
+        if loaded is None or not decide(loaded[1], loaded[0], self.clock()):
+            return Advance(careplan_id, [])
+        return self.advance(careplan_id)
 
     # -- one enrolment -------------------------------------------------------------------
     def advance(self, careplan_id: str) -> Advance:
