@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.api.errors import outcome_response, unexpected_response
 from gateway.api.http import FHIR_JSON_UTF8, base_url, check_accept, header_dict, read_body
 from gateway.auth.ratelimit import RateLimiter
+from gateway.auth.redaction import BLIND_ROLES, redact
 from gateway.auth.tokens import Grant, active_grant
 from gateway.errors import FhirError, ThrottledError, UnauthorizedError
 from gateway.services.context import Context, FhirRequest, FhirResponse
@@ -190,7 +191,11 @@ async def answer(app: Any, scope: Scope, receive: Receive,
                               request_id=scope.get("state", {}).get("request_id")),
                   grant=grant)
     if db.is_sqlite and _is_instance_read(method, path):
-        return handle(ctx, fhir_request)
-    if db.is_sqlite and _is_single_write(method, path, query, headers, body):
-        return await db.write_on_loop(handle, ctx, fhir_request)
-    return await run_in_threadpool(handle, ctx, fhir_request)
+        result = handle(ctx, fhir_request)
+    elif db.is_sqlite and _is_single_write(method, path, query, headers, body):
+        result = await db.write_on_loop(handle, ctx, fhir_request)
+    else:
+        result = await run_in_threadpool(handle, ctx, fhir_request)
+    if grant is not None and grant.client.role in BLIND_ROLES and result.body:
+        result.body = redact(result.body)
+    return result

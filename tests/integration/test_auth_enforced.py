@@ -198,3 +198,40 @@ def test_a_type_scoped_client_cannot_reach_other_types_through_a_search(
 def test_a_client_that_reads_every_type_may_include(client: TestClient, db: Database) -> None:
     reader = bearer(client, register(db, "system/*.rs"))
     assert client.get("/fhir/Task?_include=Task:owner", headers=reader).status_code == 200
+
+
+PLANTED = ("Durand", "Élodie", "1980-04-12", "rue des Lilas", "+33 6 12 34 56 78")
+
+
+def _planted_patient() -> dict[str, Any]:
+    return patient(address=[{"line": ["3 rue des Lilas"], "city": "Lyon"}],
+                   telecom=[{"system": "phone", "value": "+33 6 12 34 56 78"}],
+                   text={"status": "generated",
+                         "div": '<div xmlns="http://www.w3.org/1999/xhtml">Élodie Durand</div>'})
+
+
+def test_manufacturers_never_receive_patient_details(client: TestClient, db: Database,
+                                                     writer: dict[str, str]) -> None:
+    person = client.post("/fhir/Patient", json=_planted_patient(), headers=writer).json()
+    ref = {"reference": f"Patient/{person['id']}", "display": "Élodie Durand"}
+    client.post("/fhir/Task", json=task(**{"for": ref}), headers=writer)
+    maker = bearer(client, register(db, "system/*.cruds", role="manufacturer"))
+    centre = bearer(client, register(db, "system/*.cruds", role="treatment-centre"))
+    reads = [f"/fhir/Patient/{person['id']}", "/fhir/Patient", "/fhir/Patient/_history",
+             f"/fhir/Patient/{person['id']}/_history/1", "/fhir/Task?_include=Task:patient",
+             "/fhir/Task", "/fhir/_history"]
+    batch = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": f"Patient/{person['id']}"}}]}
+    transaction = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": _planted_patient(), "request": {"method": "POST", "url": "Patient"}}]}
+    for headers, sees in ((maker, False), (centre, True)):
+        bodies = [client.get(path, headers=headers).content for path in reads]
+        bodies.append(client.post("/fhir", json=batch, headers=headers).content)
+        bodies.append(client.post("/fhir", json=transaction, headers={
+            **headers, "prefer": "return=representation"}).content)
+        found = {word for body in bodies for word in PLANTED
+                 if word.encode() in body or word.encode("unicode_escape") in body}
+        assert found == (set(PLANTED) if sees else set()), found
+    # What the manufacturer works by is still there.
+    kept = client.get(f"/fhir/Patient/{person['id']}", headers=maker).json()
+    assert kept["id"] == person["id"] and kept["active"] is True and "name" not in kept
