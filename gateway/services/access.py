@@ -2,14 +2,16 @@
 Bundle entry (they are dispatched alike) when the caller came with a token; and the
 records nobody may change.
 
-Rights are create, read, update, delete, search (`system/Type.cruds`). Per-partner
-instance rules (which Tasks a courier sees) are not here yet: a scope opens a type."""
+Rights are create, read, update, delete, search (`system/Type.cruds`); a request needs
+them from both the token's scopes and the client's role (gateway/auth/policies.py).
+Per-partner instance rules (which Tasks a courier sees) are not here yet."""
 
 from __future__ import annotations
 
 from typing import NoReturn
 from urllib.parse import parse_qsl
 
+from gateway.auth.policies import role_allows
 from gateway.auth.tokens import Grant
 from gateway.errors import ForbiddenError, Issue, MethodNotAllowedError
 from gateway.services.context import FhirRequest
@@ -66,12 +68,14 @@ def authorize(grant: Grant | None, request: FhirRequest) -> None:
     if need is None:
         return
     resource_type, right = need
-    scopes = grant.scope_list
+    scopes, role = grant.scope_list, grant.client.role
+    what = f"{_RIGHTS[right]} on {'any type' if resource_type == '*' else resource_type}"
     if not any(scope.covers(resource_type, right) for scope in scopes):
-        _refuse(grant, f"{_RIGHTS[right]} on "
-                       f"{'any type' if resource_type == '*' else resource_type}")
-    if right == "s" and _reaches_other_types(request) and not any(
-            scope.covers("*", "r") for scope in scopes):
+        _refuse(grant, what)
+    if not role_allows(role, resource_type, right):
+        _refuse_role(role, what)
+    if right == "s" and _reaches_other_types(request) and not (
+            any(scope.covers("*", "r") for scope in scopes) and role_allows(role, "*", "r")):
         # Until per-partner rules decide what each included or joined resource may show,
         # searches that bring in or filter on other types need read on every type.
         _refuse(grant, "_include, _revinclude, chained parameters or _has (they need "
@@ -85,6 +89,11 @@ def _reaches_other_types(request: FhirRequest) -> bool:
         pairs += parse_qsl(request.body.decode("utf-8", "replace"), keep_blank_values=True)
     return any(name.split(":")[0] in ("_include", "_revinclude", "_has") or "." in name
                for name, _ in pairs)
+
+
+def _refuse_role(role: str, what: str) -> NoReturn:
+    message = f"A {role} client may not {what}"
+    raise ForbiddenError(message, issues=[Issue("forbidden", message)])
 
 
 def _refuse(grant: Grant, what: str) -> NoReturn:

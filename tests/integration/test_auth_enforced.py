@@ -26,7 +26,7 @@ def client(settings: Settings) -> Iterator[TestClient]:
         yield test_client
 
 
-def register(db: Database, scopes: str, role: str = "lims") -> Client:
+def register(db: Database, scopes: str, role: str = "ehr") -> Client:
     return add_client(db, name=f"client for {scopes}", role=role,
                       organization="Organization/lab", jwks=public_set(RSA), scopes=scopes)
 
@@ -218,20 +218,50 @@ def test_manufacturers_never_receive_patient_details(client: TestClient, db: Dat
     maker = bearer(client, register(db, "system/*.cruds", role="manufacturer"))
     centre = bearer(client, register(db, "system/*.cruds", role="treatment-centre"))
     reads = [f"/fhir/Patient/{person['id']}", "/fhir/Patient", "/fhir/Patient/_history",
-             f"/fhir/Patient/{person['id']}/_history/1", "/fhir/Task?_include=Task:patient",
-             "/fhir/Task", "/fhir/_history"]
+             f"/fhir/Patient/{person['id']}/_history/1", "/fhir/Task",
+             f"/fhir/Task?patient=Patient/{person['id']}"]
     batch = {"resourceType": "Bundle", "type": "batch", "entry": [
         {"request": {"method": "GET", "url": f"Patient/{person['id']}"}}]}
+    observation = {"resourceType": "Observation", "status": "final",
+                   "code": {"text": "CD3+ count"}, "subject": ref}
     transaction = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"resource": _planted_patient(), "request": {"method": "POST", "url": "Patient"}}]}
+        {"resource": observation, "request": {"method": "POST", "url": "Observation"}}]}
     for headers, sees in ((maker, False), (centre, True)):
-        bodies = [client.get(path, headers=headers).content for path in reads]
-        bodies.append(client.post("/fhir", json=batch, headers=headers).content)
-        bodies.append(client.post("/fhir", json=transaction, headers={
-            **headers, "prefer": "return=representation"}).content)
+        answers = [client.get(path, headers=headers) for path in reads]
+        answers.append(client.post("/fhir", json=batch, headers=headers))
+        answers.append(client.post("/fhir", json=transaction, headers={
+            **headers, "prefer": "return=representation"}))
+        assert [a.status_code for a in answers] == [200] * len(answers)
+        bodies = [a.content for a in answers]
         found = {word for body in bodies for word in PLANTED
                  if word.encode() in body or word.encode("unicode_escape") in body}
         assert found == (set(PLANTED) if sees else set()), found
     # What the manufacturer works by is still there.
     kept = client.get(f"/fhir/Patient/{person['id']}", headers=maker).json()
     assert kept["id"] == person["id"] and kept["active"] is True and "name" not in kept
+
+
+@pytest.mark.parametrize(("role", "request_line", "status"), [
+    ("courier", "GET /fhir/Task", 200),
+    ("courier", "GET /fhir/Patient", 403),
+    ("courier", "POST /fhir/Task", 403),
+    ("courier", "GET /fhir/_history", 403),
+    ("manufacturer", "POST /fhir/BiologicallyDerivedProduct", 201),
+    ("manufacturer", "DELETE /fhir/Task/x", 403),
+    ("lims", "POST /fhir/Observation", 201),
+    ("payer", "GET /fhir/Specimen", 403),
+    ("treatment-centre", "GET /fhir/_history", 200),
+])
+def test_a_role_opens_only_its_own_doors_whatever_its_scopes(
+        client: TestClient, db: Database, role: str, request_line: str, status: int) -> None:
+    headers = bearer(client, register(db, "system/*.cruds", role=role))
+    method, path = request_line.split()
+    body = {"BiologicallyDerivedProduct": {"resourceType": "BiologicallyDerivedProduct"},
+            "Observation": {"resourceType": "Observation", "status": "final",
+                            "code": {"text": "viability"}},
+            "Task": task()}.get(path.split("/")[2])
+    response = client.request(method, path, json=body if method == "POST" else None,
+                              headers=headers)
+    assert response.status_code == status, response.text
+    if status == 403:
+        assert response.json()["issue"][0]["diagnostics"].startswith(f"A {role} client may not")
