@@ -74,6 +74,7 @@ class _Evaluation:
     def __init__(self, protocol: Protocol, state: PlanState, now: datetime) -> None:
         self.protocol, self.state, self.now = protocol, state, now
         self.runs: dict[str, Run] = dict(state.runs)
+        self._expected: dict[str, int] = {}  # memo of expected(), valid until runs change
         self.effects: list[Effect] = []
         self.held = False
 
@@ -86,8 +87,14 @@ class _Evaluation:
         return self.effects
 
     # -- where each stage stands -----------------------------------------------------
+    def _set_run(self, run: Run) -> None:
+        self.runs[run.stage] = run
+        self._expected.clear()
+
     def expected(self, stage_id: str) -> int:
         """The run a stage is on: a repeat upstream (or above) moves it to a later one."""
+        if stage_id in self._expected:
+            return self._expected[stage_id]
         stage = self.protocol.stages[stage_id]
         run = self.runs.get(stage_id)
         number = run.number if run else 1
@@ -95,6 +102,7 @@ class _Evaluation:
             number = max(number, self.expected(link.stage))
         if stage.parent:
             number = max(number, self.expected(stage.parent))
+        self._expected[stage_id] = number
         return number
 
     def status(self, stage_id: str) -> str:
@@ -150,7 +158,7 @@ class _Evaluation:
         if stage.condition and not self._condition(stage, trigger):
             if self.held:
                 return True
-            self.runs[stage.id] = Run(stage.id, number, "skipped", finished_at=self.now)
+            self._set_run(Run(stage.id, number, "skipped", finished_at=self.now))
             self.effects.append(SkipStage(stage.id, number, self._trigger_reference(trigger),
                                           f"condition of {stage.id} not met: "
                                           f"{stage.condition}"))
@@ -186,14 +194,14 @@ class _Evaluation:
         parent = self.runs.get(stage.parent) if stage.parent else None
         task_id = resource_id("Task", self.state.careplan_id, stage.id, number)
         period = {"start": start.isoformat(), **({"end": end.isoformat()} if end else {})}
-        self.runs[stage.id] = Run(stage.id, number, "active",
-                                  {"id": task_id, "restriction": {"period": period}})
+        self._set_run(Run(stage.id, number, "active",
+                          {"id": task_id, "restriction": {"period": period}}))
         self.effects.append(StartStage(
             stage.id, number, start, end, self.state.owner(stage.role),
             parent.reference if parent else None, self._trigger_reference(trigger), reason))
 
     def _cancel_replaced(self, stage: Stage, run: Run) -> bool:
-        self.runs[stage.id] = replace(run, outcome="failed")
+        self._set_run(replace(run, outcome="failed"))
         if run.task and "resourceType" in run.task:
             self.effects.append(SetTaskStatus(
                 stage.id, run.task, "cancelled",
@@ -206,7 +214,7 @@ class _Evaluation:
         ends = [r.finished_at for c in stage.children
                 if (r := self.runs.get(c)) and r.finished_at is not None]
         ended = max(ends) if ends else self.now
-        self.runs[stage.id] = replace(run, outcome="done", finished_at=ended)
+        self._set_run(replace(run, outcome="done", finished_at=ended))
         if run.task and "resourceType" in run.task:
             self.effects.append(SetTaskStatus(stage.id, run.task, "completed",
                                               f"all sub-stages of {stage.id} are done", ended))

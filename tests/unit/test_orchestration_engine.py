@@ -263,3 +263,15 @@ def test_plan_definition_the_engine_cannot_run_is_refused(actions: list[Any],
                                                           message: str) -> None:
     with pytest.raises(ProtocolFormError, match=message):
         protocol(*actions)
+
+
+def test_a_deep_lattice_of_joins_is_decided_in_one_pass() -> None:
+    # Each layer's two stages wait for both of the layer before: 2^25 paths from the last
+    # stage back to the first, which the engine must not walk one by one.
+    actions = [action("a0"), action("b0")]
+    for layer in range(1, 26):
+        previous = (f"a{layer - 1}", f"b{layer - 1}")
+        actions += [action(f"a{layer}", *previous), action(f"b{layer}", *previous)]
+    proto = protocol(*actions)
+    done = [task(s, "completed", finished=DONE) for n in range(25) for s in (f"a{n}", f"b{n}")]
+    assert started(run(proto, *done)) == [("a25", 1), ("b25", 1)]
