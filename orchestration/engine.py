@@ -74,7 +74,9 @@ class _Evaluation:
     def __init__(self, protocol: Protocol, state: PlanState, now: datetime) -> None:
         self.protocol, self.state, self.now = protocol, state, now
         self.runs: dict[str, Run] = dict(state.runs)
-        self._expected: dict[str, int] = {}  # memo of expected(), valid until runs change
+        # Memos of expected() and _projected_end(), valid until the runs change.
+        self._expected: dict[str, int] = {}
+        self._projected: dict[tuple[str, str], datetime] = {}
         self.effects: list[Effect] = []
         self.held = False
 
@@ -90,6 +92,7 @@ class _Evaluation:
     def _set_run(self, run: Run) -> None:
         self.runs[run.stage] = run
         self._expected.clear()
+        self._projected.clear()
 
     def expected(self, stage_id: str) -> int:
         """The run a stage is on: a repeat upstream (or above) moves it to a later one."""
@@ -308,6 +311,13 @@ class _Evaluation:
         return start
 
     def _projected_end(self, stage_id: str, exclude: str) -> datetime:
+        """When a stage is expected to end (once per stage and exclusion in a pass)."""
+        key = (stage_id, exclude)
+        if key not in self._projected:
+            self._projected[key] = self._project_end(stage_id, exclude)
+        return self._projected[key]
+
+    def _project_end(self, stage_id: str, exclude: str) -> datetime:
         run = self.runs.get(stage_id)
         status = self.status(stage_id)
         if run and status in _FINISHED and run.finished_at:

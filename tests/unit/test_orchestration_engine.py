@@ -275,3 +275,18 @@ def test_a_deep_lattice_of_joins_is_decided_in_one_pass() -> None:
     proto = protocol(*actions)
     done = [task(s, "completed", finished=DONE) for n in range(25) for s in (f"a{n}", f"b{n}")]
     assert started(run(proto, *done)) == [("a25", 1), ("b25", 1)]
+
+
+def test_backward_scheduling_through_a_deep_lattice_is_projected_once_per_stage() -> None:
+    actions = [action("start"), action("prep", "start", deadline_days=1,
+                                       ends_before=("a25", 1))]
+    actions += [action("a0", "start", deadline_days=1), action("b0", "start", deadline_days=1)]
+    for layer in range(1, 26):
+        previous = (f"a{layer - 1}", f"b{layer - 1}")
+        actions += [action(f"a{layer}", *previous, deadline_days=1),
+                    action(f"b{layer}", *previous, deadline_days=1)]
+    effects = run(protocol(*actions), task("start", "completed", finished=DONE))
+    prep = next(e for e in effects if isinstance(e, StartStage) and e.stage == "prep")
+    # a0 and b0 start now and end in a day; each later layer takes a day more, so a25 is
+    # projected to start in 25 days, and prep must end a day before.
+    assert prep.end == NOW + timedelta(days=24)
