@@ -1,8 +1,7 @@
-"""What each partner role may do, as data: resource types and interactions (c r u d s).
-A request must be allowed by both the token's scopes and its client's role.
-
-Which instances of a type a partner sees (a courier: the Tasks it owns) is the next
-layer; these rules say which doors exist at all."""
+"""What each partner role may do, as data: resource types and interactions (c r u d s),
+and which instances of a type it sees, as search criteria relative to its own
+organisation (`{org}`). A request must be allowed by both the token's scopes and its
+client's role; a resource outside the role's criteria does not exist for the client."""
 
 from __future__ import annotations
 
@@ -44,3 +43,65 @@ def role_allows(role: str, resource_type: str, right: str) -> bool:
     if right in policy.get("*", ""):
         return True
     return resource_type != "*" and right in policy.get(resource_type, "")
+
+
+ORG = "{org}"
+OWNED_TASKS = [("owner", ORG)]
+FOCUSED_BY_OWN_TASK = [("_has:Task:focus:owner", ORG)]
+PERFORMED = [("performer", ORG)]
+SIGNED = [("agent", ORG)]
+
+ROLE_INSTANCES: dict[str, dict[str, list[tuple[str, str]]]] = {
+    "treatment-centre": {
+        "Patient": [("organization", ORG)],
+        "CarePlan": [("subject:Patient.organization", ORG)],
+        "ServiceRequest": [("subject:Patient.organization", ORG)],
+        "Task": [("patient.organization", ORG)]},
+    "apheresis-centre": {
+        "Task": OWNED_TASKS, "Appointment": [("actor", ORG)],
+        "Schedule": [("actor", ORG)], "Slot": [("schedule.actor", ORG)],
+        "Specimen": FOCUSED_BY_OWN_TASK, "ServiceRequest": PERFORMED,
+        "CarePlan": [("_has:Task:based-on:owner", ORG)],
+        "Patient": [("_has:Task:patient:owner", ORG)],
+        "Provenance": SIGNED, "AuditEvent": SIGNED},
+    "courier": {
+        "Task": OWNED_TASKS, "Specimen": FOCUSED_BY_OWN_TASK,
+        "BiologicallyDerivedProduct": FOCUSED_BY_OWN_TASK,
+        "Provenance": SIGNED, "AuditEvent": SIGNED},
+    "manufacturer": {
+        "ServiceRequest": PERFORMED, "Task": OWNED_TASKS, "Specimen": FOCUSED_BY_OWN_TASK,
+        "BiologicallyDerivedProduct": FOCUSED_BY_OWN_TASK, "Schedule": [("actor", ORG)],
+        "Slot": [("schedule.actor", ORG)], "Appointment": [("actor", ORG)],
+        "Observation": PERFORMED, "DiagnosticReport": PERFORMED,
+        "Patient": [("_has:ServiceRequest:subject:performer", ORG)],
+        "Provenance": SIGNED, "AuditEvent": SIGNED},
+    "lims": {
+        "Task": OWNED_TASKS, "ServiceRequest": PERFORMED, "Specimen": FOCUSED_BY_OWN_TASK,
+        "Observation": PERFORMED, "DiagnosticReport": PERFORMED,
+        "BiologicallyDerivedProduct": FOCUSED_BY_OWN_TASK,
+        "Patient": [("_has:ServiceRequest:subject:performer", ORG)],
+        "Provenance": SIGNED, "AuditEvent": SIGNED},
+    "payer": {
+        "Task": OWNED_TASKS, "Coverage": [("payor", ORG)], "Claim": [("insurer", ORG)],
+        "ClaimResponse": [("insurer", ORG)],
+        "CarePlan": [("_has:Task:based-on:owner", ORG)],
+        "ServiceRequest": [("_has:Task:based-on:owner", ORG)],
+        "Patient": [("_has:Coverage:beneficiary:payor", ORG)],
+        "Provenance": SIGNED, "AuditEvent": SIGNED},
+}
+
+
+def instance_criteria(role: str, organization: str,
+                      resource_type: str) -> list[tuple[str, str]] | None:
+    """The search criteria a resource of this type must meet to exist for a client of
+    this role and organisation; None when every instance does."""
+    rules = ROLE_INSTANCES.get(role, {}).get(resource_type)
+    if rules is None:
+        return None
+    return [(name, value.replace(ORG, organization)) for name, value in rules]
+
+
+def sees_everything(role: str) -> bool:
+    """Roles with no instance rules at all (admin, ehr): only they may search across
+    types or join in other types (includes, chains, _has)."""
+    return not ROLE_INSTANCES.get(role)

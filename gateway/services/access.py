@@ -4,14 +4,14 @@ records nobody may change.
 
 Rights are create, read, update, delete, search (`system/Type.cruds`); a request needs
 them from both the token's scopes and the client's role (gateway/auth/policies.py).
-Per-partner instance rules (which Tasks a courier sees) are not here yet."""
+Which instances exist for a partner is gateway/services/visibility.py's."""
 
 from __future__ import annotations
 
 from typing import NoReturn
 from urllib.parse import parse_qsl
 
-from gateway.auth.policies import role_allows
+from gateway.auth.policies import role_allows, sees_everything
 from gateway.auth.tokens import Grant
 from gateway.errors import ForbiddenError, Issue, MethodNotAllowedError
 from gateway.services.context import FhirRequest
@@ -72,14 +72,15 @@ def authorize(grant: Grant | None, request: FhirRequest) -> None:
     what = f"{_RIGHTS[right]} on {'any type' if resource_type == '*' else resource_type}"
     if not any(scope.covers(resource_type, right) for scope in scopes):
         _refuse(grant, what)
-    if not role_allows(role, resource_type, right):
+    if not role_allows(role, resource_type, right) or (
+            resource_type == "*" and not sees_everything(role)):
         _refuse_role(role, what)
     if right == "s" and _reaches_other_types(request) and not (
-            any(scope.covers("*", "r") for scope in scopes) and role_allows(role, "*", "r")):
-        # Until per-partner rules decide what each included or joined resource may show,
-        # searches that bring in or filter on other types need read on every type.
+            any(scope.covers("*", "r") for scope in scopes) and sees_everything(role)):
+        # Included or joined resources would escape the per-partner rules of their own
+        # type: only roles that see everything, with read on every type, may use them.
         _refuse(grant, "_include, _revinclude, chained parameters or _has (they need "
-                       "system/*.r)")
+                       "system/*.r and a role that sees every resource)")
 
 
 def _reaches_other_types(request: FhirRequest) -> bool:

@@ -23,7 +23,7 @@ from gateway.errors import (
     UnprocessableError,
     UnsupportedMediaTypeError,
 )
-from gateway.services import task_states
+from gateway.services import task_states, visibility
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.resources import (
     body_json,
@@ -41,6 +41,34 @@ JSON_PATCH = "application/json-patch+json"
 # Rules every update of a type must pass against the version it replaces (PUT,
 # conditional update, PATCH, and the same in Bundles); creates pass none.
 UPDATE_RULES: dict[str, Guard] = {"Task": task_states.check_update}
+
+
+def _guard(ctx: Context, repo: Repository, resource_type: str) -> Guard | None:
+    """What an update must pass against the version it replaces: the type's rules, and
+    for a partner, that it may see that version at all (else it does not exist: 404)."""
+    rule = UPDATE_RULES.get(resource_type)
+    if visibility.criteria(ctx, resource_type) is None:
+        return rule
+
+    def guard(current: Version, resource: dict[str, Any]) -> None:
+        if not current.deleted:
+            visibility.check_visible(ctx, repo, resource_type, current.id)
+        if rule is not None:
+            rule(current, resource)
+    return guard
+
+
+def _visible_after(ctx: Context, repo: Repository, version: Version) -> Version:
+    """A partner's write must leave something it can see (in the write's transaction)."""
+    if visibility.criteria(ctx, version.resource_type) is not None:
+        visibility.check_still_visible(ctx, repo, version.resource_type, version.id)
+    return version
+
+
+def _must_see(ctx: Context, version: Version | None, what: str) -> None:
+    if version is not None and visibility.criteria(ctx, version.resource_type) is not None:
+        with ctx.reading() as repo:
+            visibility.check_visible(ctx, repo, version.resource_type, version.id, what)
 
 
 def parse_etag(value: str | None) -> int | None:
@@ -88,7 +116,7 @@ def create(ctx: Context, request: FhirRequest, resource_type: str) -> FhirRespon
     if_none_exist = request.header("if-none-exist")
     with ctx.writing() as repo:
         if if_none_exist is None:
-            version = repo.create(resource, request.assigned_id)
+            version = _visible_after(ctx, repo, repo.create(resource, request.assigned_id))
             return written(ctx, request, version, 201, f"Created {version.reference}")
         criteria = _criteria(request, resource_type, if_none_exist)
         return _conditional_create(ctx, request, repo, resource, criteria)
@@ -105,7 +133,7 @@ def _conditional_create(ctx: Context, request: FhirRequest, repo: Repository,
         raise MultipleMatchesError(f"If-None-Exist matched several {resource_type} resources")
     if ids:
         return _existing(ctx, request, repo, resource_type, ids[0])
-    version = repo.create(resource, request.assigned_id)
+    version = _visible_after(ctx, repo, repo.create(resource, request.assigned_id))
     repo.answer_criteria(resource_type, key, version.id)
     return written(ctx, request, version, 201, f"Created {version.reference}")
 
@@ -121,6 +149,7 @@ def _existing(ctx: Context, request: FhirRequest, repo: Repository, resource_typ
 def read(ctx: Context, request: FhirRequest, resource_type: str, resource_id: str) -> FhirResponse:
     check_known_id(resource_type, resource_id)
     version = ctx.point_read(resource_type, resource_id)
+    _must_see(ctx, version, f"{resource_type}/{resource_id}")
     return _serve(ctx, request, version, f"{resource_type}/{resource_id}")
 
 
@@ -131,6 +160,7 @@ def vread(ctx: Context, request: FhirRequest, resource_type: str, resource_id: s
         raise NotFoundError(f"{resource_type}/{resource_id} has no version "
                             f"{ascii(version_id[:20])}")
     version = ctx.point_read(resource_type, resource_id, int(version_id))
+    _must_see(ctx, version, f"{resource_type}/{resource_id}/_history/{version_id}")
     return _serve(ctx, request, version, f"{resource_type}/{resource_id}/_history/{version_id}")
 
 
@@ -171,7 +201,8 @@ def update(ctx: Context, request: FhirRequest, resource_type: str,
     expected = parse_etag(request.header("if-match"))
     with ctx.writing() as repo:
         version, created = repo.update(resource, resource_id, expected_version=expected,
-                                       guard=UPDATE_RULES.get(resource_type))
+                                       guard=_guard(ctx, repo, resource_type))
+        _visible_after(ctx, repo, version)
     return written(ctx, request, version, 201 if created else 200,
                    f"{'Created' if created else 'Updated'} {version.reference}")
 
@@ -193,14 +224,16 @@ def conditional_update(ctx: Context, request: FhirRequest, resource_type: str) -
             else:
                 check_id(body_id)
                 version, created = repo.update(resource, body_id, expected_version=expected,
-                                               guard=UPDATE_RULES.get(resource_type))
+                                               guard=_guard(ctx, repo, resource_type))
+            _visible_after(ctx, repo, version)
             return written(ctx, request, version, 201 if created else 200,
                            f"{'Created' if created else 'Updated'} {version.reference}")
         if isinstance(data, dict) and "id" not in data:
             data = {**data, "id": ids[0]}
         resource = valid_resource(data, resource_type, ids[0])
         version, _ = repo.update(resource, ids[0], expected_version=expected,
-                                 guard=UPDATE_RULES.get(resource_type))
+                                 guard=_guard(ctx, repo, resource_type))
+        _visible_after(ctx, repo, version)
     return written(ctx, request, version, 200, f"Updated {version.reference}")
 
 
@@ -215,12 +248,15 @@ def patch(ctx: Context, request: FhirRequest, resource_type: str,
         check_known_id(resource_type, resource_id)
         for _ in range(UPDATE_RETRIES):
             current = _patchable(repo, resource_type, resource_id, expected)
+            if visibility.criteria(ctx, resource_type) is not None:
+                visibility.check_visible(ctx, repo, resource_type, resource_id)
             resource = valid_resource(_apply_patch(current.resource(), operations),
                                       resource_type, resource_id)
             try:
                 version, _ = repo.update(resource, resource_id,
                                          expected_version=current.version, method="PATCH",
-                                         guard=UPDATE_RULES.get(resource_type))
+                                         guard=_guard(ctx, repo, resource_type))
+                _visible_after(ctx, repo, version)
                 break
             except PreconditionFailedError:
                 if expected is not None:
@@ -305,6 +341,9 @@ def delete(ctx: Context, request: FhirRequest, resource_type: str,
     check_known_id(resource_type, resource_id)
     expected = parse_etag(request.header("if-match"))
     with ctx.writing() as repo:
+        current = repo.read(resource_type, resource_id)
+        if current is not None and not current.deleted:
+            visibility.check_visible(ctx, repo, resource_type, resource_id)
         version = repo.delete(resource_type, resource_id, expected_version=expected)
     if version is None:
         return FhirResponse(200, outcome_bytes(f"{resource_type}/{resource_id} was not there"))

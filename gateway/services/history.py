@@ -12,7 +12,8 @@ from urllib.parse import urlencode
 from sqlalchemy import and_, or_, select, tuple_
 
 from gateway import jsonio
-from gateway.errors import InvalidError, NotFoundError
+from gateway.errors import ForbiddenError, InvalidError, NotFoundError
+from gateway.services import visibility
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.resources import check_known_id
 from gateway.store import search_sql
@@ -41,9 +42,14 @@ def history(ctx: Context, request: FhirRequest, resource_type: str | None = None
         stmt = stmt.where(_before(_cursor_values(params["_cursor"])))
     if resource_id:
         check_known_id(resource_type or "", resource_id)
+    if resource_type and not resource_id and visibility.criteria(ctx, resource_type):
+        raise ForbiddenError(f"The history of every {resource_type} is not open to your "
+                             f"role; read the history of each {resource_type} you see")
     with ctx.reading() as repo:
         if resource_id and repo.read(resource_type or "", resource_id) is None:
             raise NotFoundError(f"{resource_type}/{resource_id} is not known")
+        if resource_id:
+            visibility.check_visible(ctx, repo, resource_type or "", resource_id)
         rows = list(repo.conn.execute(stmt))
         more = len(rows) > count
         rows = rows[:count]

@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from gateway import jsonio
 from gateway.errors import Issue, operation_outcome
+from gateway.services import visibility
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.summary import shape
 from gateway.store import search_query as sq
@@ -44,6 +45,7 @@ def match_ids(ctx: Context, repo: Repository, resource_type: str,
                      max_count=limit)
     query.count = limit
     query.base_url = ctx.base_url
+    visibility.restrict(ctx, query)
     driver = search_sql.choose_driver(repo.conn, query)
     return list(repo.conn.execute(search_sql.ids_statement(query, driver, limit)).scalars())
 
@@ -58,6 +60,7 @@ def _total(repo: Repository, query: sq.SearchQuery) -> int:
 def search(ctx: Context, request: FhirRequest, resource_type: str | None,
            pairs: list[tuple[str, str]] | None = None) -> FhirResponse:
     query = parse_query(ctx, request, resource_type, pairs)
+    visibility.restrict(ctx, query)
     with ctx.reading() as repo:
         bundle = run(ctx, repo, query)
     return FhirResponse(200, jsonio.dumps(bundle))

@@ -214,19 +214,24 @@ def test_manufacturers_never_receive_patient_details(client: TestClient, db: Dat
                                                      writer: dict[str, str]) -> None:
     person = client.post("/fhir/Patient", json=_planted_patient(), headers=writer).json()
     ref = {"reference": f"Patient/{person['id']}", "display": "Élodie Durand"}
-    client.post("/fhir/Task", json=task(**{"for": ref}), headers=writer)
+    lab = {"reference": "Organization/lab"}  # the manufacturer's organisation
+    client.post("/fhir/Task", json=task(**{"for": ref, "owner": lab}), headers=writer)
+    client.post("/fhir/ServiceRequest", headers=writer, json={
+        "resourceType": "ServiceRequest", "status": "active", "intent": "order",
+        "subject": ref, "performer": [lab]})
     maker = bearer(client, register(db, "system/*.cruds", role="manufacturer"))
-    centre = bearer(client, register(db, "system/*.cruds", role="treatment-centre"))
-    reads = [f"/fhir/Patient/{person['id']}", "/fhir/Patient", "/fhir/Patient/_history",
-             f"/fhir/Patient/{person['id']}/_history/1", "/fhir/Task",
+    ehr = bearer(client, register(db, "system/*.cruds", role="ehr"))
+    reads = [f"/fhir/Patient/{person['id']}", "/fhir/Patient",
+             f"/fhir/Patient/{person['id']}/_history", f"/fhir/Patient/{person['id']}/_history/1",
+             "/fhir/Task",
              f"/fhir/Task?patient=Patient/{person['id']}"]
     batch = {"resourceType": "Bundle", "type": "batch", "entry": [
         {"request": {"method": "GET", "url": f"Patient/{person['id']}"}}]}
     observation = {"resourceType": "Observation", "status": "final",
-                   "code": {"text": "CD3+ count"}, "subject": ref}
+                   "code": {"text": "CD3+ count"}, "subject": ref, "performer": [lab]}
     transaction = {"resourceType": "Bundle", "type": "transaction", "entry": [
         {"resource": observation, "request": {"method": "POST", "url": "Observation"}}]}
-    for headers, sees in ((maker, False), (centre, True)):
+    for headers, sees in ((maker, False), (ehr, True)):
         answers = [client.get(path, headers=headers) for path in reads]
         answers.append(client.post("/fhir", json=batch, headers=headers))
         answers.append(client.post("/fhir", json=transaction, headers={
@@ -246,11 +251,12 @@ def test_manufacturers_never_receive_patient_details(client: TestClient, db: Dat
     ("courier", "GET /fhir/Patient", 403),
     ("courier", "POST /fhir/Task", 403),
     ("courier", "GET /fhir/_history", 403),
-    ("manufacturer", "POST /fhir/BiologicallyDerivedProduct", 201),
+    ("manufacturer", "POST /fhir/Observation", 201),
     ("manufacturer", "DELETE /fhir/Task/x", 403),
     ("lims", "POST /fhir/Observation", 201),
     ("payer", "GET /fhir/Specimen", 403),
-    ("treatment-centre", "GET /fhir/_history", 200),
+    ("treatment-centre", "GET /fhir/_history", 403),
+    ("ehr", "GET /fhir/_history", 200),
 ])
 def test_a_role_opens_only_its_own_doors_whatever_its_scopes(
         client: TestClient, db: Database, role: str, request_line: str, status: int) -> None:
@@ -258,7 +264,8 @@ def test_a_role_opens_only_its_own_doors_whatever_its_scopes(
     method, path = request_line.split()
     body = {"BiologicallyDerivedProduct": {"resourceType": "BiologicallyDerivedProduct"},
             "Observation": {"resourceType": "Observation", "status": "final",
-                            "code": {"text": "viability"}},
+                            "code": {"text": "viability"},
+                            "performer": [{"reference": "Organization/lab"}]},
             "Task": task()}.get(path.split("/")[2])
     response = client.request(method, path, json=body if method == "POST" else None,
                               headers=headers)
