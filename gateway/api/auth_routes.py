@@ -98,28 +98,34 @@ async def token(request: Request) -> JSONResponse:
                         headers=NO_STORE)
 
 
-@router.post("/auth/introspect", summary="Token introspection (RFC 7662)",
-             operation_id="introspect", response_class=JSONResponse)
-async def introspect(request: Request) -> JSONResponse:
+async def _token_and_caller(request: Request) -> tuple[str, Client] | JSONResponse:
+    """The token a client asks about and the client itself (authenticated by its own
+    assertion), or the error to answer."""
     form = await _form(request)
     if form is None or not form.get("token"):
         return _error(400, "invalid_request", "send the token, form-encoded")
     caller = await _authenticated(request, form)
     if caller is None:
         return _error(401, "invalid_client")
-    answer = await run_in_threadpool(tokens.introspect, request.app.state.db, form["token"],
-                                     caller, int(time.time()))
+    return form["token"], caller
+
+
+@router.post("/auth/introspect", summary="Token introspection (RFC 7662)",
+             operation_id="introspect", response_class=JSONResponse)
+async def introspect(request: Request) -> JSONResponse:
+    asked = await _token_and_caller(request)
+    if isinstance(asked, JSONResponse):
+        return asked
+    answer = await run_in_threadpool(tokens.introspect, request.app.state.db, *asked,
+                                     int(time.time()))
     return JSONResponse(answer, headers=NO_STORE)
 
 
 @router.post("/auth/revoke", summary="Token revocation (RFC 7009)", operation_id="revoke",
              response_class=JSONResponse)
 async def revoke(request: Request) -> JSONResponse:
-    form = await _form(request)
-    if form is None or not form.get("token"):
-        return _error(400, "invalid_request", "send the token, form-encoded")
-    caller = await _authenticated(request, form)
-    if caller is None:
-        return _error(401, "invalid_client")
-    await run_in_threadpool(tokens.revoke, request.app.state.db, form["token"], caller)
+    asked = await _token_and_caller(request)
+    if isinstance(asked, JSONResponse):
+        return asked
+    await run_in_threadpool(tokens.revoke, request.app.state.db, *asked)
     return JSONResponse({}, headers=NO_STORE)
