@@ -83,6 +83,18 @@ def authorize(grant: Grant | None, request: FhirRequest) -> None:
                        "system/*.r and a role that sees every resource)")
 
 
+def check_may_create(grant: Grant | None, resource_type: str) -> None:
+    """An update that turned out to create (a PUT to a new id) needs the create right
+    too; raised inside the write's transaction, it undoes it."""
+    if grant is None:
+        return
+    what = f"create on {resource_type} (this PUT would create it)"
+    if not any(scope.covers(resource_type, "c") for scope in grant.scope_list):
+        _refuse(grant, what)
+    if not role_allows(grant.client.role, resource_type, "c"):
+        _refuse_role(grant.client.role, what)
+
+
 def _reaches_other_types(request: FhirRequest) -> bool:
     pairs = list(request.query)
     media = (request.content_type or "").split(";")[0].strip().lower()

@@ -23,7 +23,7 @@ from gateway.errors import (
     UnprocessableError,
     UnsupportedMediaTypeError,
 )
-from gateway.services import task_states, visibility
+from gateway.services import access, task_states, visibility
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.resources import (
     body_json,
@@ -58,8 +58,12 @@ def _guard(ctx: Context, repo: Repository, resource_type: str) -> Guard | None:
     return guard
 
 
-def _visible_after(ctx: Context, repo: Repository, version: Version) -> Version:
-    """A partner's write must leave something it can see (in the write's transaction)."""
+def _visible_after(ctx: Context, repo: Repository, version: Version,
+                   created: bool = False) -> Version:
+    """A partner's write must leave something it can see, and one that created needs the
+    right to create (checked in the write's transaction, so a refusal undoes it)."""
+    if created:
+        access.check_may_create(ctx.grant, version.resource_type)
     if visibility.criteria(ctx, version.resource_type) is not None:
         visibility.check_still_visible(ctx, repo, version.resource_type, version.id)
     return version
@@ -202,7 +206,7 @@ def update(ctx: Context, request: FhirRequest, resource_type: str,
     with ctx.writing() as repo:
         version, created = repo.update(resource, resource_id, expected_version=expected,
                                        guard=_guard(ctx, repo, resource_type))
-        _visible_after(ctx, repo, version)
+        _visible_after(ctx, repo, version, created)
     return written(ctx, request, version, 201 if created else 200,
                    f"{'Created' if created else 'Updated'} {version.reference}")
 
@@ -225,7 +229,7 @@ def conditional_update(ctx: Context, request: FhirRequest, resource_type: str) -
                 check_id(body_id)
                 version, created = repo.update(resource, body_id, expected_version=expected,
                                                guard=_guard(ctx, repo, resource_type))
-            _visible_after(ctx, repo, version)
+            _visible_after(ctx, repo, version, created)
             return written(ctx, request, version, 201 if created else 200,
                            f"{'Created' if created else 'Updated'} {version.reference}")
         if isinstance(data, dict) and "id" not in data:

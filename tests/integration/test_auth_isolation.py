@@ -130,3 +130,13 @@ def test_a_role_that_sees_only_its_own_cannot_search_across_types(
         assert client.get(path, headers=world["courier_a"]).status_code == 403, path
     assert client.get("/fhir/Task?_include=Task:focus",
                       headers=world["ehr"]).status_code == 200
+
+
+def test_a_put_that_would_create_needs_the_create_right(
+        client: TestClient, world: dict[str, Any]) -> None:
+    # A courier may update Tasks but not create them, not even by PUT to a new id.
+    new = task(id="courier-made", owner={"reference": A})
+    refused = client.put("/fhir/Task/courier-made", json=new, headers=world["courier_a"])
+    assert refused.status_code == 403
+    assert "this PUT would create it" in refused.json()["issue"][0]["diagnostics"]
+    assert client.get("/fhir/Task/courier-made", headers=world["ehr"]).status_code == 404
