@@ -253,6 +253,7 @@ def patch(ctx: Context, request: FhirRequest, resource_type: str,
         for _ in range(UPDATE_RETRIES):
             current = _patchable(repo, resource_type, resource_id, expected)
             if visibility.criteria(ctx, resource_type) is not None:
+                # Before the patch is applied: its errors must not tell what is there.
                 visibility.check_visible(ctx, repo, resource_type, resource_id)
             resource = valid_resource(_apply_patch(current.resource(), operations),
                                       resource_type, resource_id)
@@ -345,9 +346,10 @@ def delete(ctx: Context, request: FhirRequest, resource_type: str,
     check_known_id(resource_type, resource_id)
     expected = parse_etag(request.header("if-match"))
     with ctx.writing() as repo:
-        current = repo.read(resource_type, resource_id)
-        if current is not None and not current.deleted:
-            visibility.check_visible(ctx, repo, resource_type, resource_id)
+        if visibility.criteria(ctx, resource_type) is not None:
+            current = repo.read(resource_type, resource_id)
+            if current is not None and not current.deleted:
+                visibility.check_visible(ctx, repo, resource_type, resource_id)
         version = repo.delete(resource_type, resource_id, expected_version=expected)
     if version is None:
         return FhirResponse(200, outcome_bytes(f"{resource_type}/{resource_id} was not there"))
