@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from orchestration.protocol import Protocol, definitions, from_plan_definition
-from orchestration.state import KEY_SYSTEM, ROLE_ASSIGNMENT, parse_instant
+from orchestration.state import ROLE_ASSIGNMENT, parse_instant, task_run_key
 
 FHIR_JSON = "application/fhir+json"
 COLLECTION_STAGES = ("apheresis", "collection")  # where the patient's cells are taken
@@ -55,9 +55,8 @@ class Journey:
 
 
 def _stage_of(task: dict[str, Any]) -> str:
-    key = next((i["value"] for i in task.get("identifier", []) if i.get("system") == KEY_SYSTEM),
-               "//")
-    return str(key.rsplit("/", 2)[1])
+    key = task_run_key(task)
+    return key[1] if key else ""
 
 
 class Demo:

@@ -79,12 +79,21 @@ class PlanState:
         return self.careplan.get("author", {}).get("reference")
 
 
-def _task_run(task: dict[str, Any], careplan_id: str) -> Run | None:
+def task_run_key(task: dict[str, Any]) -> tuple[str, str, int] | None:
+    """(CarePlan id, stage, run) of a Task the orchestrator wrote; None for any other."""
     key = next((i.get("value") for i in task.get("identifier", [])
                 if i.get("system") == KEY_SYSTEM), None)
-    if not key or not key.startswith(careplan_id + "/"):
+    parts = key.rsplit("/", 2) if isinstance(key, str) else []
+    if len(parts) != 3 or not parts[2].isdigit():
         return None
-    stage, _, number = key[len(careplan_id) + 1:].rpartition("/")
+    return parts[0], parts[1], int(parts[2])
+
+
+def _task_run(task: dict[str, Any], careplan_id: str) -> Run | None:
+    key = task_run_key(task)
+    if key is None or key[0] != careplan_id:
+        return None
+    _, stage, number = key
     status = task.get("status")
     outcome = ("active" if status in ACTIVE else "failed" if status in FAILED else "done")
     finished = None
@@ -93,7 +102,7 @@ def _task_run(task: dict[str, Any], careplan_id: str) -> Run | None:
         # (lastModified is not used: a completing partner may leave it as it was).
         finished = parse_instant(task.get("executionPeriod", {}).get("end")
                                  or task.get("meta", {}).get("lastUpdated"))
-    return Run(stage, int(number), outcome, task, finished)
+    return Run(stage, number, outcome, task, finished)
 
 
 def _skipped_runs(careplan: dict[str, Any]) -> Iterable[Run]:

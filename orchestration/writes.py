@@ -8,7 +8,14 @@ from typing import Any
 from orchestration.effects import MarkOverdue, SkipStage, StartStage
 from orchestration.engine import BUSINESS_STATUS, OVERDUE
 from orchestration.protocol import ATM, STAGE_SYSTEM, Protocol, Stage
-from orchestration.state import KEY_EXTENSION, KEY_SYSTEM, PlanState, resource_id, run_key
+from orchestration.state import (
+    KEY_EXTENSION,
+    KEY_SYSTEM,
+    PlanState,
+    resource_id,
+    run_key,
+    task_run_key,
+)
 
 DEVICE = "Device/atm-orchestrator"
 _DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
@@ -136,8 +143,9 @@ def overdue_resources(state: PlanState, effect: MarkOverdue,
 
 
 def _run(effect: MarkOverdue) -> int:
-    key = next(i["value"] for i in effect.task["identifier"] if i.get("system") == KEY_SYSTEM)
-    return int(key.rsplit("/", 1)[1])
+    key = task_run_key(effect.task)
+    assert key is not None  # overdue Tasks are the orchestrator's
+    return key[2]
 
 
 def provenance(targets: list[str], entity: str | None, reason: str, activity: str,

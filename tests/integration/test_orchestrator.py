@@ -14,7 +14,7 @@ from gateway.settings import Settings
 from gateway.store.database import Database, make_engine
 from orchestration import applier
 from orchestration.runner import Orchestrator
-from orchestration.state import KEY_SYSTEM, ROLE_ASSIGNMENT
+from orchestration.state import ROLE_ASSIGNMENT, task_run_key
 from tests.conftest import client_with
 from tests.factories import organization, patient
 from tests.factories.protocols import action, plan_definition
@@ -89,9 +89,9 @@ def enrol(client: TestClient, **extra: Any) -> dict[str, Any]:
 def tasks_by_stage(client: TestClient, careplan_id: str) -> dict[str, list[dict[str, Any]]]:
     stages: dict[str, list[dict[str, Any]]] = {}
     for task in search(client, f"Task?based-on=CarePlan/{careplan_id}"):
-        key = next(i["value"] for i in task["identifier"] if i["system"] == KEY_SYSTEM)
-        _, stage, run = key.rsplit("/", 2)
-        stages.setdefault(stage, []).append(task)
+        key = task_run_key(task)
+        assert key is not None and key[0] == careplan_id
+        stages.setdefault(key[1], []).append(task)
     for runs in stages.values():
         runs.sort(key=lambda t: t["identifier"][0]["value"])
     return stages

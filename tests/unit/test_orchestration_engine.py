@@ -290,3 +290,10 @@ def test_backward_scheduling_through_a_deep_lattice_is_projected_once_per_stage(
     # a0 and b0 start now and end in a day; each later layer takes a day more, so a25 is
     # projected to start in 25 days, and prep must end a day before.
     assert prep.end == NOW + timedelta(days=24)
+
+
+@pytest.mark.parametrize("key", ["garbage", f"{CAREPLAN}/a/first", "other-plan/a/1"])
+def test_tasks_that_are_not_this_plans_stages_are_ignored(key: str) -> None:
+    stranger = {**task("a", "completed", finished=DONE),
+                "identifier": [{"system": KEY_SYSTEM, "value": key}]}
+    assert started(run(LINEAR, stranger)) == [("a", 1)]
