@@ -13,6 +13,7 @@ import json
 import logging
 import secrets
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from joserfc import jws, jwt
@@ -52,8 +53,9 @@ class Grant:
     scopes: str
     expires_at: int  # seconds since the epoch
 
-    @property
+    @cached_property
     def scope_list(self) -> list[Scope]:
+        """Parsed once per request, however many Bundle entries are checked against it."""
         return parse_scopes(self.scopes)
 
 
