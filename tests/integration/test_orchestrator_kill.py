@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -40,6 +40,12 @@ class OrchestratorProcess:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=10)
 
+    def kill_and_restart_once(self, started: Callable[[], bool]) -> None:
+        """SIGKILL as soon as `started` says some of the work is done, then start again."""
+        wait_until(started, 60, self.log)
+        self.kill()
+        self.start()
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
@@ -69,16 +75,13 @@ def test_killed_orchestrator_restarts_without_duplicates_or_gaps(
     careplans = [enrol(client) for _ in range(ENROLMENTS)]
     orchestrator_process.start()
     # Killed as soon as it has started some of the enrolments, not all.
-    wait_until(lambda: count_stage(client, "intake") > 0, 60, orchestrator_process.log)
-    orchestrator_process.kill()
-    orchestrator_process.start()
+    orchestrator_process.kill_and_restart_once(lambda: count_stage(client, "intake") > 0)
     wait_until(lambda: count_stage(client, "intake") == ENROLMENTS, 60,
                orchestrator_process.log)
     for careplan in careplans:
         set_status(client, tasks_by_stage(client, careplan["id"])["intake"][0], "completed")
-    wait_until(lambda: count_stage(client, "eligibility") > 0, 60, orchestrator_process.log)
-    orchestrator_process.kill()
-    orchestrator_process.start()
+    orchestrator_process.kill_and_restart_once(
+        lambda: count_stage(client, "eligibility") > 0)
     wait_until(lambda: count_stage(client, "consent") == ENROLMENTS, 60,
                orchestrator_process.log)
     for careplan in careplans:
