@@ -16,6 +16,7 @@ from starlette.types import ASGIApp
 from gateway import __version__, fhir
 from gateway.api import auth_routes, errors, fhir_routes, observability, ops
 from gateway.api.fhir_app import FhirEndpoint
+from gateway.audit.log import running_trail
 from gateway.services.capability import AUTH_OFF_WARNING
 from gateway.settings import Settings, get_settings
 from gateway.store.database import Database, make_engine
@@ -53,7 +54,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
 
         if settings.load_protocols:
             _load_shipped_protocols(db, settings)
-        with running_beside(db, settings):
+        with running_trail(db) as app.state.audit, running_beside(db, settings):
             yield
         observability.ACCESS_LOG.flush()
         db.dispose()

@@ -28,6 +28,9 @@ app.add_typer(clients_app, name="clients")
 protocols_app = typer.Typer(help="Therapy protocols: check, compile and load YAML protocols "
                             "(orchestration/PROTOCOLS.md).", no_args_is_help=True)
 app.add_typer(protocols_app, name="protocols")
+audit_app = typer.Typer(help="The audit trail: one AuditEvent for every request, chained.",
+                        no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 
 
 @app.command()
@@ -205,6 +208,21 @@ def db_upgrade() -> None:
     upgrade(engine)
     engine.dispose()
     typer.echo("database is at the newest schema")
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Walk the audit trail's hash chain: print a JSON report; exit 1 if it is broken."""
+    from gateway.audit.chain import verify
+
+    db = _database()
+    try:
+        report = verify(db)
+    finally:
+        db.dispose()
+    typer.echo(json.dumps(report.to_json(), indent=2))
+    if not report.intact:
+        raise typer.Exit(1)
 
 
 # -- protocols ---------------------------------------------------------------------------

@@ -12,7 +12,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from gateway.api.fhir_app import client_address
 from gateway.api.http import base_url, header_dict
+from gateway.audit.events import RequestAudit
+from gateway.audit.log import AuditTrail
 from gateway.auth import tokens
 from gateway.auth.clients import Client
 from gateway.auth.keys import JwksCache
@@ -50,15 +53,39 @@ def _keys(request: Request) -> JwksCache:
     return cache
 
 
-async def _authenticated(request: Request, form: dict[str, str]) -> Client | None:
+async def _authenticated(request: Request, form: dict[str, str],
+                         audit: RequestAudit | None) -> Client | None:
     try:
-        return await run_in_threadpool(
+        client = await run_in_threadpool(
             tokens.authenticate, request.app.state.db, _keys(request),
             form.get("client_assertion_type"), form.get("client_assertion"),
             _urls(request)["token"], int(time.time()))
     except tokens.InvalidClientError as exc:
         tokens.log.info("client authentication failed: %s", exc)
+        if audit is not None:  # who it claimed to be, for whoever investigates
+            audit.identify(tokens.claimed_client_id(form.get("client_assertion")), None)
         return None
+    if audit is not None:
+        audit.identify(client.client_id, client.organization)
+    return client
+
+
+def _begin_audit(request: Request, endpoint: str) -> RequestAudit | None:
+    """The audit record of a request to an OAuth2 endpoint (closed by `_recorded`)."""
+    trail: AuditTrail | None = getattr(request.app.state, "audit", None)
+    if trail is None:
+        return None
+    return trail.begin("POST", f"auth/{endpoint}", None,
+                       client_address(request.app.state.settings, request.scope,
+                                      header_dict(request.scope)),
+                       request.scope.get("state", {}).get("request_id"), event_type="login")
+
+
+def _recorded(audit: RequestAudit | None, response: JSONResponse) -> JSONResponse:
+    if audit is not None:
+        audit.subtype = audit.path.removeprefix("auth/")
+        audit.close(response.status_code)
+    return response
 
 
 @router.get("/fhir/.well-known/smart-configuration", summary="SMART discovery",
@@ -80,12 +107,17 @@ async def smart_configuration(request: Request) -> JSONResponse:
 @router.post("/auth/token", summary="Access token (client_credentials, private_key_jwt)",
              operation_id="token", response_class=JSONResponse)
 async def token(request: Request) -> JSONResponse:
+    audit = _begin_audit(request, "token")
+    return _recorded(audit, await _token(request, audit))
+
+
+async def _token(request: Request, audit: RequestAudit | None) -> JSONResponse:
     form = await _form(request)
     if form is None:
         return _error(400, "invalid_request", "send application/x-www-form-urlencoded")
     if form.get("grant_type") != "client_credentials":
         return _error(400, "unsupported_grant_type", "only client_credentials")
-    client = await _authenticated(request, form)
+    client = await _authenticated(request, form, audit)
     if client is None:
         return _error(401, "invalid_client")
     try:
@@ -98,13 +130,14 @@ async def token(request: Request) -> JSONResponse:
                         headers=NO_STORE)
 
 
-async def _token_and_caller(request: Request) -> tuple[str, Client] | JSONResponse:
+async def _token_and_caller(request: Request, audit: RequestAudit | None
+                            ) -> tuple[str, Client] | JSONResponse:
     """The token a client asks about and the client itself (authenticated by its own
     assertion), or the error to answer."""
     form = await _form(request)
     if form is None or not form.get("token"):
         return _error(400, "invalid_request", "send the token, form-encoded")
-    caller = await _authenticated(request, form)
+    caller = await _authenticated(request, form, audit)
     if caller is None:
         return _error(401, "invalid_client")
     return form["token"], caller
@@ -113,19 +146,21 @@ async def _token_and_caller(request: Request) -> tuple[str, Client] | JSONRespon
 @router.post("/auth/introspect", summary="Token introspection (RFC 7662)",
              operation_id="introspect", response_class=JSONResponse)
 async def introspect(request: Request) -> JSONResponse:
-    asked = await _token_and_caller(request)
+    audit = _begin_audit(request, "introspect")
+    asked = await _token_and_caller(request, audit)
     if isinstance(asked, JSONResponse):
-        return asked
+        return _recorded(audit, asked)
     answer = await run_in_threadpool(tokens.introspect, request.app.state.db, *asked,
                                      int(time.time()))
-    return JSONResponse(answer, headers=NO_STORE)
+    return _recorded(audit, JSONResponse(answer, headers=NO_STORE))
 
 
 @router.post("/auth/revoke", summary="Token revocation (RFC 7009)", operation_id="revoke",
              response_class=JSONResponse)
 async def revoke(request: Request) -> JSONResponse:
-    asked = await _token_and_caller(request)
+    audit = _begin_audit(request, "revoke")
+    asked = await _token_and_caller(request, audit)
     if isinstance(asked, JSONResponse):
-        return asked
+        return _recorded(audit, asked)
     await run_in_threadpool(tokens.revoke, request.app.state.db, *asked)
-    return JSONResponse({}, headers=NO_STORE)
+    return _recorded(audit, JSONResponse({}, headers=NO_STORE))

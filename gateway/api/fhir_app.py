@@ -23,6 +23,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.api.errors import outcome_response, unexpected_response
 from gateway.api.http import FHIR_JSON_UTF8, base_url, check_accept, header_dict, read_body
+from gateway.audit.events import RequestAudit
+from gateway.audit.log import AuditTrail
 from gateway.auth.ratelimit import RateLimiter
 from gateway.auth.redaction import BLIND_ROLES, redact
 from gateway.auth.tokens import Grant, active_grant
@@ -172,9 +174,42 @@ def _throttle(app: Any, grant: Grant) -> None:
                              headers={"Retry-After": str(wait)})
 
 
+def client_address(settings: Any, scope: Scope, headers: dict[str, str]) -> str | None:
+    """Where the request came from (the proxy's X-Forwarded-For when trusted)."""
+    forwarded = headers.get("x-forwarded-for") if settings.trust_forwarded_headers else None
+    if forwarded:
+        return forwarded.split(",")[0].strip()[:255]
+    client = scope.get("client")
+    return client[0] if client else None
+
+
 async def answer(app: Any, scope: Scope, receive: Receive,
                  headers: dict[str, str]) -> FhirResponse:
-    """Answer one FHIR request; failures raise (FhirError for the client's mistakes)."""
+    """Answer one FHIR request; failures raise (FhirError for the client's mistakes).
+    Every request, refused and failed ones too, leaves an audit record."""
+    trail: AuditTrail | None = getattr(app.state, "audit", None)
+    audit = None if trail is None else trail.begin(
+        "GET" if scope["method"] == "HEAD" else scope["method"],
+        scope["path"][len(PREFIX):].strip("/"), scope["query_string"].decode("latin-1"),
+        client_address(app.state.settings, scope, headers),
+        scope.get("state", {}).get("request_id"))
+    try:
+        result = await _serve(app, scope, receive, headers, audit)
+    except FhirError as exc:
+        if audit is not None:
+            audit.close(exc.status)
+        raise
+    except Exception:
+        if audit is not None:
+            audit.close(500)
+        raise
+    if audit is not None:
+        audit.close(result.status, result.headers.get("ETag"))
+    return result
+
+
+async def _serve(app: Any, scope: Scope, receive: Receive, headers: dict[str, str],
+                 audit: RequestAudit | None) -> FhirResponse:
     settings, db = app.state.settings, app.state.db
     query = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
     check_accept(query, headers)
@@ -185,11 +220,13 @@ async def answer(app: Any, scope: Scope, receive: Receive,
                                body=body, content_type=headers.get("content-type"))
     grant = await _grant(db, headers, path) if settings.auth == "smart" else None
     if grant is not None:
+        if audit is not None:
+            audit.identify(grant.client.client_id, grant.client.organization)
         _throttle(app, grant)
     ctx = Context(db=db, settings=settings, base_url=base_url(settings, scope, headers),
                   actor=Actor(name=grant.client.client_id if grant else None,
                               request_id=scope.get("state", {}).get("request_id")),
-                  grant=grant)
+                  grant=grant, audit=audit)
     if db.is_sqlite and _is_instance_read(method, path):
         result = handle(ctx, fhir_request)
     elif db.is_sqlite and _is_single_write(method, path, query, headers, body):

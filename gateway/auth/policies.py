@@ -56,7 +56,8 @@ ROLE_INSTANCES: dict[str, dict[str, list[tuple[str, str]]]] = {
         "Patient": [("organization", ORG)],
         "CarePlan": [("subject:Patient.organization", ORG)],
         "ServiceRequest": [("subject:Patient.organization", ORG)],
-        "Task": [("patient.organization", ORG)]},
+        "Task": [("patient.organization", ORG)],
+        "AuditEvent": SIGNED},
     "apheresis-centre": {
         "Task": OWNED_TASKS, "Appointment": [("actor", ORG)],
         "Schedule": [("actor", ORG)], "Slot": [("schedule.actor", ORG)],

@@ -81,6 +81,18 @@ def _unverified(assertion: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return dict(compact.protected), claims
 
 
+def claimed_client_id(assertion: str | None) -> str | None:
+    """The client id an assertion claims (its iss), unverified: for the audit record of
+    a failed authentication."""
+    if not assertion:
+        return None
+    try:
+        issuer = _unverified(assertion)[1].get("iss")
+    except InvalidClientError:
+        return None
+    return issuer[:64] if isinstance(issuer, str) else None
+
+
 def _key(client: Client, header: dict[str, Any], keys: JwksCache) -> RSAKey | ECKey:
     alg, kid = header.get("alg"), header.get("kid")
     if alg not in ALGORITHMS:

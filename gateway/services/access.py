@@ -20,6 +20,7 @@ IMMUTABLE = frozenset({"Provenance", "AuditEvent"})
 """Records of who did what: created, never changed or deleted, by anyone (21 CFR Part 11
 §11.10(e), EU GMP Annex 11 §9)."""
 
+_READ_ONLY = {"AuditEvent": "GET, HEAD"}  # written by the server alone (gateway/audit)
 _BY_METHOD = {"GET": "r", "POST": "c", "PUT": "u", "PATCH": "u", "DELETE": "d"}
 
 
@@ -56,7 +57,8 @@ def check_immutable(request: FhirRequest) -> None:
     if resource_type in IMMUTABLE:
         raise MethodNotAllowedError(
             f"{resource_type} is a record of what happened: it is created once and never "
-            "changed or deleted", headers={"Allow": "GET, HEAD, POST"})
+            "changed or deleted",
+            headers={"Allow": _READ_ONLY.get(resource_type, "GET, HEAD, POST")})
 
 
 def authorize(grant: Grant | None, request: FhirRequest) -> None:

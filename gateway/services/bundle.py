@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from sqlalchemy.exc import DBAPIError
 
 from gateway import jsonio
+from gateway.audit.events import answered
 from gateway.errors import (
     ConflictError,
     FhirError,
@@ -73,6 +74,8 @@ def process(ctx: Context, request: FhirRequest) -> FhirResponse:
         raise TooLargeError(f"The Bundle has {len(raw_entries)} entries; at most {limit} "
                             "are accepted")
     prefer = request.header("prefer")
+    if ctx.audit is not None:
+        ctx.audit.subtype = kind
     if kind == "batch":
         answers = [_batch_entry(ctx, i, raw, prefer) for i, raw in enumerate(raw_entries)]
     else:
@@ -96,7 +99,11 @@ def _batch_entry(ctx: Context, index: int, raw: Any, prefer: str | None) -> dict
 
     try:
         entry = parse_entry(ctx, index, raw)
-        return _answer(entry, dispatch(ctx, entry_request(entry, prefer)))
+        request = entry_request(entry, prefer)
+        audit = None if ctx.audit is None else ctx.audit.entry(  # each entry is audited
+            request.method, request.path, urlencode(request.query))
+        return _answer(entry, answered(audit, lambda: dispatch(replace(ctx, audit=audit),
+                                                                request)))
     except FhirError as exc:
         return response_entry(_error_response(exc))
     except Exception:  # noqa: BLE001 - one broken entry must not sink the batch
@@ -134,6 +141,8 @@ def _transaction(ctx: Context, entries: list[Entry], prefer: str | None
     from gateway.services.router import dispatch
 
     results: dict[int, FhirResponse] = {}
+    if ctx.audit is not None:
+        ctx.audit.pending.clear()  # a replay starts over
     with ctx.db.write() as conn:
         tx = ctx.within(conn)
         repo = Repository(conn, ctx.actor)
@@ -146,6 +155,8 @@ def _transaction(ctx: Context, entries: list[Entry], prefer: str | None
                 response = dispatch(tx, requests[entry.index])
                 _check_planned_id(entry, plan, response)
             results[entry.index] = response
+        if ctx.audit is not None:  # committed with the Bundle's changes, or not at all
+            ctx.audit.store_with(conn)
     # Shaped after the commit: the (SQLite) writer is not held for it.
     return [_answer(e, results[e.index]) for e in entries]
 

@@ -17,6 +17,7 @@ from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.store.search_params import TABLE_PARAMS, params_for
 
 SP_BASE = "http://hl7.org/fhir/SearchParameter"
+ATM = "https://atm-gateway.org/fhir"
 TYPE_INTERACTIONS = ["read", "vread", "update", "patch", "delete", "history-instance",
                      "history-type", "create", "search-type"]
 STARTED = datetime.now(UTC).date().isoformat()
@@ -59,6 +60,31 @@ def _resource(resource_type: str) -> dict[str, Any]:
     }
 
 
+def _audit_event() -> dict[str, Any]:
+    """AuditEvent is the server's own trail (gateway/audit): read and searched only."""
+    params = [("_id", "token", "Resource-id"), ("_lastUpdated", "date", "Resource-lastUpdated"),
+              ("date", "date", "AuditEvent-date"),
+              ("altid", "token", "AuditEvent-altid"), ("agent", "reference", "AuditEvent-agent"),
+              ("entity", "reference", "AuditEvent-entity"),
+              ("action", "token", "AuditEvent-action"),
+              ("outcome", "token", "AuditEvent-outcome"),
+              ("subtype", "token", "AuditEvent-subtype"), ("type", "token", "AuditEvent-type"),
+              ("address", "token", "AuditEvent-address")]
+    return {
+        "type": "AuditEvent",
+        "profile": "http://hl7.org/fhir/StructureDefinition/AuditEvent",
+        "documentation": "One record for every request, written by this server in the same "
+                         "transaction as any change it made, hash-chained; clients cannot "
+                         "create, change or delete records.",
+        "interaction": [{"code": c} for c in ("read", "vread", "search-type")],
+        "readHistory": False,
+        "searchParam": [{"name": n, "type": t, "definition": f"{SP_BASE}/{d}"}
+                        for n, t, d in params],
+        "operation": [{"name": "verify-chain",
+                       "definition": f"{ATM}/OperationDefinition/AuditEvent-verify-chain"}],
+    }
+
+
 AUTH_OFF_WARNING = ("ATM_AUTH=off: this server asks no one who they are, and anyone "
                     "can read and change everything. For local exploration only.")
 
@@ -94,7 +120,8 @@ def capability_statement(base_url: str, software_date: str, auth_on: bool = True
         "patchFormat": ["application/json-patch+json"],
         "rest": [{
             "mode": "server",
-            "resource": [_resource(t) for t in sorted(r4_resource_types())],
+            "resource": [_audit_event() if t == "AuditEvent" else _resource(t)
+                         for t in sorted(r4_resource_types())],
             "interaction": [{"code": c} for c in ("transaction", "batch", "search-system",
                                                   "history-system")],
             "searchParam": [{"name": n, "type": "special" if n == "_has" else "string"}

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from gateway.audit.events import RequestAudit
 from gateway.auth.tokens import Grant
 from gateway.settings import Settings
 from gateway.store.database import Database
@@ -50,14 +51,23 @@ class Context:
     actor: Actor = field(default_factory=Actor)
     conn: Connection | None = None
     grant: Grant | None = None  # what the caller's token allows; None: internal or auth off
+    audit: RequestAudit | None = None  # the request's audit record; None: internal callers
 
     @contextmanager
     def writing(self) -> Iterator[Repository]:
+        """A transaction for this request's writes, which stores the request's audit
+        record with them (inside a transaction Bundle: with the Bundle's commit)."""
         if self.conn is not None:
-            yield Repository(self.conn, self.actor)
+            repo = Repository(self.conn, self.actor)
+            yield repo
+            if self.audit is not None:
+                self.audit.note_written(repo.written)
             return
         with self.db.write() as conn:
-            yield Repository(conn, self.actor)
+            repo = Repository(conn, self.actor)
+            yield repo
+            if self.audit is not None:
+                self.audit.store_with(conn, repo.written)
 
     @contextmanager
     def reading(self) -> Iterator[Repository]:

@@ -11,7 +11,16 @@ from urllib.parse import parse_qsl
 from sqlalchemy.exc import DBAPIError
 
 from gateway.errors import ConflictError, InvalidError, MethodNotAllowedError, NotFoundError
-from gateway.services import access, bundle, capability, crud, history, operations, search
+from gateway.services import (
+    access,
+    audit_events,
+    bundle,
+    capability,
+    crud,
+    history,
+    operations,
+    search,
+)
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.resources import check_type
 from gateway.store.database import is_transient
@@ -78,6 +87,8 @@ def dispatch(ctx: Context, request: FhirRequest) -> FhirResponse:
 
 def _type_level(ctx: Context, request: FhirRequest, resource_type: str,
                 rest: list[str]) -> FhirResponse:
+    if resource_type == "AuditEvent":  # the server's audit trail, not the resource store
+        return audit_events.handle(ctx, request, rest, _form_query)
     method = request.method
     if not rest:
         _allow(method, "GET POST PUT PATCH DELETE")

@@ -157,6 +157,7 @@ class Repository:
     def __init__(self, conn: Connection, actor: Actor | None = None) -> None:
         self.conn = conn
         self.actor = actor or Actor()
+        self.written: list[str] = []  # Type/id/_history/n of each version written here
         self._driver = Driver(conn)
         self._sql = self._driver.sql
 
@@ -308,6 +309,7 @@ class Repository:
     def _record(self, version: Version, resource: dict[str, Any] | None,
                 interaction: str) -> None:
         key = (version.resource_type, version.id)
+        self.written.append(f"{key[0]}/{key[1]}/_history/{version.version}")
         self._driver.execute(self._sql.insert_history, (
             *key, version.version, version.last_updated, version.method, version.deleted,
             version.content))

@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 metadata = MetaData()
@@ -106,6 +107,51 @@ oauth_tokens = Table(
     Column("issued_at", BigInteger, nullable=False),
     Column("expires_at", BigInteger, nullable=False),
     Column("revoked", Boolean, nullable=False),
+)
+
+# The audit trail: one row per request (IHE BALP AuditEvent, rendered from these columns).
+# A row is written once; `chain_seq` and `hash` are filled in when it is chained behind its
+# predecessor (gateway/audit/chain.py), and never changed again.
+audit_log = Table(
+    "audit_log", metadata,
+    Column("seq", SEQ, primary_key=True, autoincrement=True),
+    Column("recorded", BigInteger, nullable=False),
+    Column("event_type", String(16), nullable=False),  # rest | login
+    Column("subtype", String(32), nullable=False),  # read, search-type, create, …
+    Column("action", String(1), nullable=False),  # C R U D E
+    Column("outcome", String(2), nullable=False),  # 0 success, 4 minor, 8 serious failure
+    Column("status", Integer, nullable=True),  # HTTP status; NULL: stored with its write
+    Column("client_id", String(ID), nullable=True),
+    Column("organization", String(TOKEN), nullable=True),
+    Column("address", String(TOKEN), nullable=True),
+    Column("request_id", String(64), nullable=True),
+    Column("method", String(8), nullable=False),
+    Column("path", Text, nullable=False),
+    Column("query", Text, nullable=True),
+    Column("entities", Text, nullable=True),  # space-separated Type/id[/_history/n]
+    Column("chain_seq", BigInteger, nullable=True),
+    Column("hash", String(64), nullable=True),
+    Index("ix_audit_log_recorded", "recorded"),
+    Index("ix_audit_log_client", "client_id", "seq"),
+    Index("ix_audit_log_organization", "organization", "seq"),
+    Index("ix_audit_log_chain", "chain_seq", unique=True),
+    Index("ix_audit_log_unchained", "seq", sqlite_where=text("chain_seq IS NULL"),
+          postgresql_where=text("chain_seq IS NULL")),
+)
+
+# Which resources each audit row names, for AuditEvent?entity=Type/id.
+audit_entities = Table(
+    "audit_entities", metadata,
+    Column("reference", String(TYPE + ID + 1), primary_key=True),  # Type/id
+    Column("seq", BigInteger, primary_key=True),
+)
+
+# The newest chained row: a deleted tail of the chain shows against it.
+audit_chain = Table(
+    "audit_chain", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("chain_seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
 )
 
 conditional_keys = Table(

@@ -131,6 +131,27 @@ def test_serve_answers_healthz_fhir_and_logs_json(served: tuple[str, Path]) -> N
     assert access[0]["duration_ms"] >= 0
 
 
+def test_audit_verify_reports_an_intact_chain_then_names_an_edited_record(
+        served: tuple[str, Path], tmp_path: Path) -> None:
+    address, _ = served
+    for _ in range(3):
+        httpx.get(f"{address}/fhir/metadata")
+    deadline = time.monotonic() + 10
+    while True:  # the server chains its records within a fraction of a second
+        result = run_atm(tmp_path, "audit", "verify")
+        report = json.loads(result.stdout)
+        if report["checked"] >= 3 and report["pending"] == 0:
+            break
+        assert time.monotonic() < deadline, report
+        time.sleep(0.1)
+    assert result.returncode == 0 and report["intact"] is True
+    with sqlite3.connect(tmp_path / "data" / "atm.db") as conn:  # an insider's edit
+        conn.execute("UPDATE audit_log SET address = '10.0.0.9' WHERE seq = 2")
+    broken = run_atm(tmp_path, "audit", "verify")
+    assert broken.returncode == 1
+    assert json.loads(broken.stdout)["brokenAt"] == "AuditEvent/2"
+
+
 def _requests_counted(text: str, route: str) -> float:
     """The sum of atm_http_requests_total over every label set of one route."""
     total = 0.0

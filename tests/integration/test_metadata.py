@@ -86,6 +86,14 @@ def test_metadata_gives_every_type_interactions_and_typed_search_params(
             assert param["definition"].startswith("http://hl7.org/fhir/SearchParameter/")
 
 
+def test_metadata_audit_event_is_read_and_searched_only(statement: dict[str, Any]) -> None:
+    audit = by_type(statement)["AuditEvent"]
+    assert {i["code"] for i in audit["interaction"]} == {"read", "vread", "search-type"}
+    assert {"date", "entity", "altid", "agent", "outcome"} <= {
+        p["name"] for p in audit["searchParam"]}
+    assert [o["name"] for o in audit["operation"]] == ["verify-chain"]
+
+
 def test_metadata_task_entry_has_the_searches_the_orchestrator_uses(
         statement: dict[str, Any]) -> None:
     task = by_type(statement)["Task"]

@@ -1,0 +1,1 @@
+"""The audit trail: an AuditEvent (IHE BALP) for every request, hash-chained."""
