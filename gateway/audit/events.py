@@ -10,31 +10,20 @@ changed nothing) hands its record to the trail's writer when it ends (`RequestAu
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import FhirError
 from gateway.store.timeparse import now_micros
 
+ROW_COLUMNS = ("recorded", "event_type", "subtype", "action", "outcome", "status",
+               "client_id", "organization", "address", "request_id", "method", "path",
+               "query", "entity", "entities")
+"""An audit row's recorded columns, in the order `RequestAudit.row` gives them."""
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One row of the audit log, before it is stored (its columns, in order)."""
-
-    recorded: int
-    event_type: str  # "rest" for FHIR interactions, "login" for the token endpoint
-    subtype: str  # FHIR restful-interaction code, or the OAuth2 endpoint's name
-    action: str  # C R U D E
-    outcome: str  # "0" success, "4" refused or the client's mistake, "8" the server failed
-    status: int | None  # HTTP status; None when stored with the write it records
-    client_id: str | None
-    organization: str | None
-    address: str | None
-    request_id: str | None
-    method: str
-    path: str
-    query: str | None
-    entities: tuple[str, ...]  # Type/id[/_history/n] the request read or changed
+Row = tuple[Any, ...]
+Closed = tuple[int, int, "str | None", "RequestAudit"]
+"""What `close` queues: (recorded µs, HTTP status, ETag, the request's audit); the trail's
+writer thread turns it into a row, so the request pays only for a queue put."""
 
 
 def outcome_of(status: int) -> str:
@@ -87,6 +76,10 @@ def _target(path: str) -> str | None:
     return "/".join(parts[:2])
 
 
+def _unversioned(reference: str) -> str:
+    return "/".join(reference.split("/")[:2])
+
+
 def _version(etag: str | None) -> str | None:
     if not etag:
         return None
@@ -101,7 +94,7 @@ class RequestAudit:
     __slots__ = ("_queue", "method", "path", "query", "address", "request_id", "client_id",
                  "organization", "subtype", "event_type", "pending", "stored")
 
-    def __init__(self, queue: Callable[[Event], None], method: str, path: str,
+    def __init__(self, queue: Callable[[Closed], None], method: str, path: str,
                  query: str | None, address: str | None, request_id: str | None,
                  event_type: str = "rest") -> None:
         self._queue = queue
@@ -129,31 +122,37 @@ class RequestAudit:
 
     def store_with(self, conn: Any, references: Sequence[str] = ()) -> None:
         """Store the record of these changes (and any noted) in the caller's transaction."""
-        from gateway.audit.log import insert_events  # the store's side of the trail
+        from gateway.audit.log import insert_rows  # the store's side of the trail
 
         changed = (*self.pending, *references)
         self.pending.clear()
         if changed:
-            insert_events(conn, [self._event(None, changed)])
+            insert_rows(conn, [self.row(now_micros(), None, changed)])
             self.stored = True
 
     def close(self, status: int, etag: str | None = None) -> None:
         """The request is answered: queue its record unless its write stored it."""
-        if self.stored:
-            return
+        if not self.stored:
+            self._queue((now_micros(), status, etag, self))
+
+    def closed_row(self, recorded: int, status: int, etag: str | None) -> Row:
+        """The row of a request that ended without storing its record: the resource it
+        named, if any, with the version it was answered."""
         target = _target(self.path) if self.event_type == "rest" else None
         version = _version(etag) if status < 300 else None
         if target and version and "/_history/" not in target:
             target = f"{target}/_history/{version}"
-        self._queue(self._event(status, (target,) if target else ()))
+        return self.row(recorded, status, (target,) if target else ())
 
-    def _event(self, status: int | None, entities: Sequence[str]) -> Event:
+    def row(self, recorded: int, status: int | None, entities: Sequence[str]) -> Row:
+        """The audit row's columns (ROW_COLUMNS); `status` None: stored with its write."""
         subtype = self.subtype or (self.event_type if self.event_type != "rest"
                                    else interaction(self.method, self.path))
-        return Event(now_micros(), self.event_type, subtype, action_of(subtype),
-                     "0" if status is None else outcome_of(status), status, self.client_id,
-                     self.organization, self.address, self.request_id, self.method,
-                     self.path, self.query, tuple(entities))
+        return (recorded, self.event_type, subtype, action_of(subtype),
+                "0" if status is None else outcome_of(status), status, self.client_id,
+                self.organization, self.address, self.request_id, self.method, self.path,
+                self.query, _unversioned(entities[0]) if entities else None,
+                " ".join(entities) or None)
 
 
 def answered(audit: RequestAudit | None, call: Callable[[], Any]) -> Any:

@@ -13,11 +13,11 @@ subtype, type, address.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
-from sqlalchemy import ColumnElement, Select, func, literal, select, tuple_
+from sqlalchemy import ColumnElement, func, literal, or_, select, tuple_
 
 from gateway import jsonio
 from gateway.audit.chain import verify
@@ -48,15 +48,13 @@ def handle(ctx: Context, request: FhirRequest, rest: list[str],
            form: Callable[[FhirRequest], list[tuple[str, str]]]) -> FhirResponse:
     """Type-level and instance-level AuditEvent requests (`rest`: the path after the type)."""
     method = request.method
-    if not rest or rest == ["_search"]:
-        if method == "GET" and not rest:
-            return search(ctx, request.query, lenient(request))
-        if method == "POST" and rest:
-            return search(ctx, form(request), lenient(request))
-        raise MethodNotAllowedError(RECORDED_BY_SERVER, headers={"Allow": "GET, HEAD"})
     if rest == ["$verify-chain"]:
         return verify_chain(ctx, request)
-    if method != "GET":
+    if method == "GET" and not rest:
+        return search(ctx, request.query, lenient(request))
+    if method == "POST" and rest == ["_search"]:
+        return search(ctx, form(request), lenient(request))
+    if method != "GET" or not rest or rest == ["_search"]:
         raise MethodNotAllowedError(RECORDED_BY_SERVER, headers={"Allow": "GET, HEAD"})
     if len(rest) == 1 or (len(rest) == 3 and rest[1] == "_history"):
         if len(rest) == 3 and rest[2] != "1":
@@ -135,8 +133,9 @@ def _criterion(name: str, value: str) -> ColumnElement[bool] | None:
         return audit_log.c.organization.in_([_reference(v) for v in _values(name, value)])
     if name == "entity":
         refs = [_reference(v) for v in _values(name, value)]
-        return audit_log.c.seq.in_(select(audit_entities.c.seq)
-                                   .where(audit_entities.c.reference.in_(refs)))
+        return or_(audit_log.c.entity.in_(refs),  # rows naming several: audit_entities
+                   audit_log.c.seq.in_(select(audit_entities.c.seq)
+                                       .where(audit_entities.c.reference.in_(refs))))
     raise InvalidError(f"AuditEvent has no search parameter {name!r} here (supported: "
                        "_id, date, altid, agent, entity, action, outcome, subtype, type, "
                        "address)")
@@ -149,9 +148,10 @@ def _count(ctx: Context, params: dict[str, str]) -> int:
     return min(int(raw), ctx.settings.max_page_size)
 
 
-def search(ctx: Context, query: list[tuple[str, str]], lenient_: bool) -> FhirResponse:
-    params = dict(query)
-    statement: Select[Any] = select(audit_log)
+def _conditions(ctx: Context, query: list[tuple[str, str]],
+                lenient_: bool) -> list[ColumnElement[bool]]:
+    """The search's criteria and what the client may see; with handling=lenient an
+    unknown parameter is left out (a malformed date or id is still refused)."""
     conditions = []
     for name, value in query:
         try:
@@ -164,41 +164,54 @@ def search(ctx: Context, query: list[tuple[str, str]], lenient_: bool) -> FhirRe
             conditions.append(condition)
     if (visible := _visible(ctx)) is not None:
         conditions.append(visible)
+    return conditions
+
+
+def _oldest_first(params: dict[str, str]) -> bool:
     sort = params.get("_sort", "-date")
     if sort.lstrip("-") not in ("date", "_lastUpdated"):
         raise InvalidError("AuditEvent sorts by date only (_sort=date or _sort=-date)")
-    oldest_first = not sort.startswith("-")
-    page_conditions = list(conditions)
+    return not sort.startswith("-")
+
+
+def search(ctx: Context, query: list[tuple[str, str]], lenient_: bool) -> FhirResponse:
+    params = dict(query)
+    conditions = _conditions(ctx, query, lenient_)
+    oldest_first = _oldest_first(params)
+    page = list(conditions)
     if (cursor := params.get("_cursor")) is not None:
-        page_conditions.append(_after(cursor, oldest_first))
+        page.append(_after(cursor, oldest_first))
     count = _count(ctx, params)
-    columns = (audit_log.c.recorded, audit_log.c.seq)
-    order = columns if oldest_first else tuple(column.desc() for column in columns)
+    order = (audit_log.c.recorded, audit_log.c.seq)
     with ctx.db.read() as conn:
-        rows = conn.execute(statement.where(*page_conditions).order_by(*order)
-                            .limit(count + 1)).all()
+        rows = conn.execute(select(audit_log).where(*page).limit(count + 1).order_by(
+            *(order if oldest_first else (column.desc() for column in order)))).all()
         total = None
         if params.get("_total") == "accurate" or params.get("_summary") == "count":
             total = conn.execute(select(func.count()).select_from(audit_log)
                                  .where(*conditions)).scalar_one()
+    if params.get("_summary") == "count":
+        rows = []
+    return FhirResponse(200, jsonio.dumps(_bundle(ctx, query, rows, count, total)))
+
+
+def _bundle(ctx: Context, query: list[tuple[str, str]], rows: Sequence[Any], count: int,
+            total: int | None) -> dict[str, Any]:
+    """The searchset: a page of records (`rows` holds one more when there is a next)."""
     bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
     if total is not None:
         bundle["total"] = total
-    if params.get("_summary") == "count":
-        rows = []
-    has_next = len(rows) > count
-    rows = rows[:count]
-    kept = [(k, v) for k, v in query if k != "_cursor"]
     links = [_link(ctx, "self", query)]
-    if has_next:
-        last = rows[-1]
+    if count and len(rows) > count:
+        last = rows[count - 1]
+        kept = [(k, v) for k, v in query if k != "_cursor"]
         links.append(_link(ctx, "next", [*kept, ("_cursor", f"{last.recorded}.{last.seq}")]))
     bundle["link"] = links
-    if rows:
+    if rows[:count]:
         bundle["entry"] = [{"fullUrl": ctx.url("AuditEvent", str(row.seq)),
                             "resource": audit_event(row), "search": {"mode": "match"}}
-                           for row in rows]
-    return FhirResponse(200, jsonio.dumps(bundle))
+                           for row in rows[:count]]
+    return bundle
 
 
 def _after(cursor: str, oldest_first: bool) -> ColumnElement[bool]:

@@ -147,15 +147,18 @@ class _GroupCommitter:
         self._done: dict[int, BaseException | None] = {}  # group -> commit outcome
         self.restart_due = False  # set by the checkpointer when the WAL has grown long
         self._loop_group: _LoopGroup | None = None
+        self._notify = False  # a member of the open group asked for `committed`
 
     @contextmanager
-    def write(self) -> Iterator[Connection]:
+    def write(self, notify: bool = True) -> Iterator[Connection]:
         loop_group = _LOOP_GROUP.get()
         if loop_group is not None and loop_group.committer is self:
+            self._notify = True
             with _savepoint(loop_group.conn):
                 yield loop_group.conn
             return
         conn, group = self._enter()
+        self._notify |= notify
         try:
             with _savepoint(conn):
                 yield conn
@@ -249,9 +252,9 @@ class _GroupCommitter:
             self._discard_connection()
         self._done[self._group] = outcome
         self._done.pop(self._group - 1000, None)  # forget long-finished groups
-        if outcome is None:
+        if outcome is None and self._notify:
             self._committed.set()
-        self._outer, self._members = None, 0
+        self._outer, self._members, self._notify = None, 0, False
         self._group += 1
         if self.restart_due and self._conn is not None:
             self._let_wal_restart()
@@ -343,15 +346,18 @@ class Database:
             self._checkpointer.start()
 
     @contextmanager
-    def write(self) -> Iterator[Connection]:
-        """One atomic unit of writes; durable when the block has exited without error."""
+    def write(self, *, notify: bool = True) -> Iterator[Connection]:
+        """One atomic unit of writes; durable when the block has exited without error.
+        `notify=False`: writes that no change-log reader cares about (the audit trail's)
+        do not set `committed`."""
         if self._writer is not None:
-            with self._writer.write() as conn:
+            with self._writer.write(notify) as conn:
                 yield conn
             return
         with self._begin(write=True) as conn:
             yield conn
-        self.committed.set()
+        if notify:
+            self.committed.set()
 
     async def write_on_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` (which writes through `write()`) on the event loop and return once its

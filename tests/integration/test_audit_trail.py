@@ -15,7 +15,7 @@ from sqlalchemy import delete, update
 
 from gateway.audit import log as audit_log_module
 from gateway.audit.chain import seal, verify
-from gateway.audit.events import Event
+from gateway.audit.events import Row
 from gateway.auth.clients import add_client
 from gateway.settings import Settings
 from gateway.store.database import Database
@@ -110,23 +110,32 @@ def test_every_interaction_leaves_one_balp_record(open_client: TestClient) -> No
 
 def test_a_write_whose_record_cannot_be_stored_fails_and_stores_nothing(
         open_client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = audit_log_module.insert_events
+    real = audit_log_module.insert_rows
 
-    def refuse_with_writes(conn: Any, events: list[Event]) -> None:
-        if any(e.status is None for e in events):  # a write's own record
-            raise RuntimeError("audit table unavailable")
-        real(conn, events)
+    def refuse(conn: Any, rows: list[Row]) -> None:
+        raise RuntimeError("audit table unavailable")
 
-    monkeypatch.setattr(audit_log_module, "insert_events", refuse_with_writes)
+    monkeypatch.setattr(audit_log_module, "insert_rows", refuse)
     answer = open_client.post("/fhir/Task", json=task(), headers=FHIR)
     assert answer.status_code == 500
     assert "audit table" not in answer.text
-    monkeypatch.setattr(audit_log_module, "insert_events", real)
+    monkeypatch.setattr(audit_log_module, "insert_rows", real)
     assert open_client.get("/fhir/Task").json().get("total", 0) == 0
     assert not open_client.get("/fhir/_history").json().get("entry")
     failed = trail(open_client, subtype="create")
     assert [(e["outcome"], e["outcomeDesc"]) for e in failed] == [
         ("8", "Serious failure (HTTP 500)")]
+
+
+def test_a_read_that_cannot_be_recorded_is_not_served(
+        open_client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    created = open_client.post("/fhir/Task", json=task(), headers=FHIR).json()
+    monkeypatch.setattr(audit_log_module, "MAX_WAITING", 0)  # as if the database refused
+    answer = open_client.get(f"/fhir/Task/{created['id']}")
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == "5"
+    assert answer.json()["issue"][0]["code"] == "transient"
+    assert created["id"] not in answer.text
 
 
 def test_a_transaction_is_one_record_naming_every_change(open_client: TestClient) -> None:
@@ -193,6 +202,35 @@ def test_refusals_and_failed_authentications_are_recorded_with_who_and_where(
     assert [(e["type"]["code"], subtype(e), e["outcome"]) for e in unauthenticated] == [
         ("rest", "search-type", "4"), ("110114", "token", "4")]
     assert unauthenticated[0]["outcomeDesc"] == "Minor failure (HTTP 401)"
+
+
+def test_each_cross_partner_attempt_is_recorded_as_refused(
+        guarded: TestClient, db: Database) -> None:
+    ehr = bearer(guarded, db, "ehr", "Organization/hospital")
+    theirs = guarded.post("/fhir/Task", headers=ehr,
+                          json=task(owner={"reference": B})).json()
+    courier = bearer(guarded, db, "courier", A)
+    ref = f"Task/{theirs['id']}"
+    attempts = [
+        ("read", guarded.get(f"/fhir/{ref}", headers=courier)),
+        ("vread", guarded.get(f"/fhir/{ref}/_history/1", headers=courier)),
+        ("update", guarded.put(f"/fhir/{ref}", headers=courier,
+                               json={**theirs, "description": "mine now"})),
+        ("delete", guarded.delete(f"/fhir/{ref}", headers=courier)),
+        ("transaction", guarded.post("/fhir", headers=courier, json={
+            "resourceType": "Bundle", "type": "transaction", "entry": [
+                {"request": {"method": "DELETE", "url": ref}}]})),
+    ]
+    # Invisible: 404 like a missing Task; deleting is no courier's right at all: 403.
+    assert [(name, answer.status_code) for name, answer in attempts] == [
+        ("read", 404), ("vread", 404), ("update", 404), ("delete", 403),
+        ("transaction", 403)]
+    assert guarded.get(f"/fhir/{ref}", headers=ehr).json()["meta"]["versionId"] == "1"
+    recorded = [(subtype(e), e["outcome"], e["outcomeDesc"])
+                for e in trail(guarded, ehr, altid=courier["x-client"])
+                if subtype(e) != "token"]
+    assert recorded == [(name, "4", f"Minor failure (HTTP {answer.status_code})")
+                        for name, answer in attempts]
 
 
 def test_a_partner_sees_only_its_own_organisations_records(

@@ -1,7 +1,7 @@
 """the audit trail: one row per request, hash-chained
 
-Every request's AuditEvent (IHE BALP) is a row of audit_log; the resources it names are
-indexed in audit_entities; audit_chain holds the newest chained row's position and hash.
+Every request's AuditEvent (IHE BALP) is a row of audit_log; the resources of rows naming
+several are indexed in audit_entities; audit_chain holds the newest chained row's position and hash.
 
 Revision ID: 0005
 Revises: 0004
@@ -37,13 +37,16 @@ def upgrade() -> None:
         sa.Column("method", sa.String(8), nullable=False),
         sa.Column("path", sa.Text(), nullable=False),
         sa.Column("query", sa.Text(), nullable=True),
+        sa.Column("entity", sa.String(129), nullable=True),
         sa.Column("entities", sa.Text(), nullable=True),
         sa.Column("chain_seq", sa.BigInteger(), nullable=True),
         sa.Column("hash", sa.String(64), nullable=True),
     )
     op.create_index("ix_audit_log_recorded", "audit_log", ["recorded"])
-    op.create_index("ix_audit_log_client", "audit_log", ["client_id", "seq"])
-    op.create_index("ix_audit_log_organization", "audit_log", ["organization", "seq"])
+    for column in ("entity", "client_id", "organization"):  # rows with a value only
+        op.create_index(f"ix_audit_log_{column}", "audit_log", [column, "seq"],
+                        sqlite_where=sa.text(f"{column} IS NOT NULL"),
+                        postgresql_where=sa.text(f"{column} IS NOT NULL"))
     op.create_index("ix_audit_log_chain", "audit_log", ["chain_seq"], unique=True)
     op.create_index("ix_audit_log_unchained", "audit_log", ["seq"],
                     sqlite_where=sa.text("chain_seq IS NULL"),
