@@ -40,7 +40,7 @@ class Client:
                 "jwks": "inline" if self.jwks else self.jwks_url, "disabled": self.disabled}
 
 
-def _client(row: Any) -> Client:
+def client_from_row(row: Any) -> Client:
     return Client(row.client_id, row.name, row.role, row.organization,
                   json.loads(row.jwks) if row.jwks else None, row.jwks_url,
                   parse_scopes(row.scopes), row.disabled)
@@ -90,18 +90,22 @@ def get_client(db: Database, client_id: str) -> Client | None:
     with db.read() as conn:
         row = conn.execute(select(oauth_clients).where(
             oauth_clients.c.client_id == client_id)).first()
-    return _client(row) if row else None
+    return client_from_row(row) if row else None
 
 
 def list_clients(db: Database) -> list[Client]:
     with db.read() as conn:
         rows = conn.execute(select(oauth_clients).order_by(oauth_clients.c.created_at))
-        return [_client(row) for row in rows]
+        return [client_from_row(row) for row in rows]
 
 
 def set_disabled(db: Database, client_id: str, disabled: bool = True) -> bool:
-    """False when there is no such client."""
+    """False when there is no such client. Its tokens stop working at once in this
+    process, and within GRANT_SECONDS in every other (gateway/auth/tokens.py)."""
+    from gateway.auth.tokens import forget_grants  # tokens build on the registry
+
     with db.write() as conn:
         done = conn.execute(oauth_clients.update().where(
             oauth_clients.c.client_id == client_id).values(disabled=disabled))
+    forget_grants()
     return bool(done.rowcount)

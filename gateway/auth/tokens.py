@@ -12,17 +12,19 @@ import hashlib
 import json
 import logging
 import secrets
+import time
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
+from types import SimpleNamespace
 from typing import Any
 
 from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, RSAKey
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 
-from gateway.auth.clients import Client, get_client
+from gateway.auth.clients import Client, client_from_row, get_client
 from gateway.auth.keys import JwksCache, KeyLookupError
 from gateway.auth.scopes import Scope, ScopeError, narrow, parse_scopes, render
 from gateway.store.database import Database
@@ -56,7 +58,12 @@ class Grant:
     @cached_property
     def scope_list(self) -> list[Scope]:
         """Parsed once per request, however many Bundle entries are checked against it."""
-        return parse_scopes(self.scopes)
+        return list(_parsed(self.scopes))
+
+
+@lru_cache(maxsize=1024)
+def _parsed(scopes: str) -> tuple[Scope, ...]:
+    return tuple(parse_scopes(scopes))
 
 
 def auth_urls(fhir_base: str) -> dict[str, str]:
@@ -186,17 +193,67 @@ def issue(db: Database, client: Client, requested: str | None, now: int) -> tupl
     return token, grant
 
 
+_GRANT_SQL = ("SELECT c.client_id, c.name, c.role, c.organization, c.jwks, c.jwks_url, "
+              "c.scopes, c.disabled, t.scopes, t.expires_at, t.revoked FROM oauth_tokens t "
+              "JOIN oauth_clients c ON c.client_id = t.client_id WHERE t.token_hash = {mark}")
+
+
+GRANT_SECONDS = 1.0
+"""How long a worker trusts what it last read of a token: a token revoked or a client
+disabled elsewhere (another worker, `atm clients disable`) is refused within this; in the
+worker that revoked or disabled it, at once."""
+_MAX_REMEMBERED = 10_000
+_remembered: dict[str, tuple[float, Grant | None]] = {}  # token digest -> (until, grant)
+_clock = time.monotonic
+
+
 def active_grant(db: Database, token: str, now: int) -> Grant | None:
-    """What a token grants, if it is known, unexpired, unrevoked and its client enabled."""
-    with db.read() as conn:
-        row = conn.execute(select(oauth_tokens).where(
-            oauth_tokens.c.token_hash == _digest(token))).first()
-    if row is None or row.revoked or row.expires_at <= now * _MICROS:
+    """What a token grants, if it is known, unexpired, unrevoked and its client enabled.
+
+    Asked on every request: the answer read from the database (one primary-key join) is
+    trusted for GRANT_SECONDS, which spares nearly every request the lookup."""
+    digest = _digest(token)
+    remembered = _remembered.get(digest)
+    if remembered is not None and remembered[0] > _clock():
+        grant = remembered[1]
+        return grant if grant is None or grant.expires_at > now else None
+    grant = _read_grant(db, digest, now)
+    if len(_remembered) >= _MAX_REMEMBERED:
+        _remembered.clear()
+    _remembered[digest] = (_clock() + GRANT_SECONDS, grant)
+    return grant
+
+
+def forget_grants() -> None:
+    """Read every token afresh (after a revocation or a client's disabling)."""
+    _remembered.clear()
+
+
+def _read_grant(db: Database, digest: str, now: int) -> Grant | None:
+    """The grant as the database has it; on SQLite without a pooled transaction."""
+    if db.is_sqlite:
+        row = db.fetch_one(_GRANT_SQL.format(mark="?"), (digest,))
+    else:
+        with db.single_statement() as conn:
+            row = conn.exec_driver_sql(_GRANT_SQL.format(mark="%s"), (digest,)).first()
+    if row is None:
         return None
-    client = get_client(db, row.client_id)
-    if client is None or client.disabled:
+    *registration, scopes, expires_at, revoked = row
+    client = _registered(*registration)
+    if revoked or expires_at <= now * _MICROS or client.disabled:
         return None
-    return Grant(client, row.scopes, row.expires_at // _MICROS)
+    return Grant(client, scopes, expires_at // _MICROS)
+
+
+@lru_cache(maxsize=1024)
+def _registered(*columns: Any) -> Client:
+    """A client from its registry row (parsed once per distinct row)."""
+    return client_from_row(SimpleNamespace(**dict(zip(_CLIENT_COLUMNS, columns,
+                                                       strict=True))))
+
+
+_CLIENT_COLUMNS = ("client_id", "name", "role", "organization", "jwks", "jwks_url", "scopes",
+                   "disabled")
 
 
 def introspect(db: Database, token: str, caller: Client, now: int) -> dict[str, Any]:
@@ -218,3 +275,4 @@ def revoke(db: Database, token: str, caller: Client) -> None:
         condition = condition & (oauth_tokens.c.client_id == caller.client_id)
     with db.write() as conn:
         conn.execute(update(oauth_tokens).where(condition).values(revoked=True))
+    forget_grants()

@@ -9,10 +9,13 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
+from gateway.auth import tokens
 from gateway.auth.clients import Client, add_client, set_disabled
 from gateway.settings import Settings
 from gateway.store.database import Database
+from gateway.store.schema import oauth_tokens
 from tests.conftest import client_with
 from tests.factories import patient, task
 from tests.integration.test_auth_tokens import RSA, assertion, public_set, token_request
@@ -110,6 +113,18 @@ def test_a_revoked_or_disabled_clients_token_stops_working_at_once(
     headers = bearer(client, registered)
     assert client.get("/fhir/Task", headers=headers).status_code == 200
     set_disabled(db, registered.client_id)
+    assert client.get("/fhir/Task", headers=headers).status_code == 401
+
+
+def test_a_token_revoked_by_another_worker_stops_working_within_a_second(
+        client: TestClient, db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    headers = bearer(client, register(db, "system/Task.rs"))
+    assert client.get("/fhir/Task", headers=headers).status_code == 200
+    with db.write() as conn:  # as another worker or `atm clients disable` would
+        conn.execute(update(oauth_tokens).values(revoked=True))
+    assert client.get("/fhir/Task", headers=headers).status_code == 200  # still trusted
+    now = time.monotonic()
+    monkeypatch.setattr(tokens, "_clock", lambda: now + tokens.GRANT_SECONDS + 0.01)
     assert client.get("/fhir/Task", headers=headers).status_code == 401
 
 
