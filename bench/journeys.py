@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from gateway.auth.credentials import Credentials, SmartAuth
 from mappings.protocols import compile_protocol
 from orchestration.state import parse_instant, resource_id
 
@@ -55,6 +56,8 @@ class Spec:
     concurrency: int = 32
     timeout: float = 600.0
     cpu: int | None = None
+    credentials: dict[str, Any] | None = None
+    """A client's credentials (Credentials.to_json) when the server asks for tokens."""
 
 
 @dataclass
@@ -177,8 +180,12 @@ def _percentile_ms(values: list[float], q: float) -> float | None:
 
 async def run(spec: Spec) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=spec.concurrency * 2)
+    auth = None
+    if spec.credentials is not None:
+        auth = SmartAuth(spec.base_url.removesuffix("/fhir") + "/auth/token",
+                         Credentials.from_json(spec.credentials))
     async with httpx.AsyncClient(base_url=spec.base_url.rstrip("/") + "/", limits=limits,
-                                 timeout=60.0) as client:
+                                 timeout=60.0, auth=auth) as client:
         driver = Driver(client, spec)
         url = await driver.load_protocol()
         careplans = await driver.enrol(url)

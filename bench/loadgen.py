@@ -37,6 +37,8 @@ class Spec:
     warmup: float = 0.0
     params: dict[str, Any] = field(default_factory=dict)
     cpu: int | None = None
+    authorization: str | None = None
+    """The Authorization header every request carries ("Bearer …"), if any."""
 
 
 @dataclass
@@ -52,9 +54,12 @@ class Tally:
             self.failures.append(why)
 
 
-def encode(host: str, port: int, method: str, path: str, body: bytes | None) -> bytes:
+def encode(host: str, port: int, method: str, path: str, body: bytes | None,
+           authorization: str | None = None) -> bytes:
     head = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}",
             "Accept: application/fhir+json"]
+    if authorization:
+        head.append(f"Authorization: {authorization}")
     if body is not None:
         head += ["Content-Type: application/fhir+json", f"Content-Length: {len(body)}"]
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b"")
@@ -117,7 +122,8 @@ class Run:
                 method, path, body = self.make(number, sent if spec.duration else index, rng)
                 sent += 1
                 begun = time.perf_counter()
-                writer.write(encode(spec.host, spec.port, method, path, body))
+                writer.write(encode(spec.host, spec.port, method, path, body,
+                                    spec.authorization))
                 status, payload = await asyncio.wait_for(read_response(reader),
                                                          RESPONSE_TIMEOUT)
                 done = time.perf_counter()

@@ -148,11 +148,11 @@ class Server:
 
 def run_loadgen(port: int, scenario: str, *, connections: int, duration: float = 0.0,
                 requests: int = 0, params: dict[str, Any], cpu: int | None,
-                workdir: Path) -> dict[str, Any]:
+                workdir: Path, authorization: str | None = None) -> dict[str, Any]:
     spec = {"host": "127.0.0.1", "port": port, "scenario": scenario,
             "connections": connections, "duration": duration, "requests": requests,
             "warmup": min(1.0, duration * 0.2) if duration else 0.0,
-            "params": params, "cpu": cpu}
+            "params": params, "cpu": cpu, "authorization": authorization}
     path = workdir / f"spec-{scenario}.json"
     path.write_text(json.dumps(spec))
     limit = (duration + 120) if duration else 900
@@ -164,8 +164,8 @@ def run_loadgen(port: int, scenario: str, *, connections: int, duration: float =
     return result
 
 
-def run_journeys(port: int, args: argparse.Namespace, cpu: int | None,
-                 workdir: Path) -> dict[str, Any]:
+def run_journeys(port: int, args: argparse.Namespace, cpu: int | None, workdir: Path,
+                 client: BenchClient) -> dict[str, Any]:
     """Enrolments driven to completion through the orchestrator (bench.journeys): as many
     as asked with twice the connections as partners (throughput, the queue full), then a
     tenth of them with two partners (latency with no queue)."""
@@ -174,7 +174,8 @@ def run_journeys(port: int, args: argparse.Namespace, cpu: int | None,
     results: dict[str, Any] = {}
     for name, (enrolments, partners) in runs.items():
         spec = {"base_url": f"http://127.0.0.1:{port}/fhir", "enrolments": enrolments,
-                "concurrency": partners, "cpu": cpu}
+                "concurrency": partners, "cpu": cpu,
+                "credentials": client.credentials.to_json()}
         path = workdir / f"spec-journeys-{name}.json"
         path.write_text(json.dumps(spec))
         done = subprocess.run([sys.executable, "-m", "bench.journeys", str(path)], cwd=ROOT,
@@ -183,6 +184,37 @@ def run_journeys(port: int, args: argparse.Namespace, cpu: int | None,
             raise RuntimeError(f"the journeys failed:\n{done.stderr}")
         results[name] = json.loads(done.stdout)
     return results
+
+
+class BenchClient:
+    """The benchmark's own OAuth2 client (an admin, SMART Backend Services): the gateway
+    runs as deployed, with authentication and the audit trail on."""
+
+    def __init__(self, database_url: str, port: int) -> None:
+        from gateway.auth.clients import add_client
+        from gateway.auth.credentials import Credentials, new_key, public_jwks
+        from gateway.settings import Settings
+        from gateway.store.database import Database, make_engine
+
+        key = new_key()
+        db = Database(make_engine(Settings(database_url=database_url)))
+        try:
+            client = add_client(db, name="benchmark", role="admin",
+                                organization="Organization/benchmark",
+                                jwks=public_jwks(key), scopes="system/*.cruds")
+        finally:
+            db.dispose()
+        self.credentials = Credentials(client.client_id, key)
+        self.token_url = f"http://127.0.0.1:{port}/auth/token"
+
+    def authorization(self) -> str:
+        """A fresh token's header value (tokens live 300 s: one per scenario)."""
+        import httpx
+
+        from gateway.auth.credentials import fetch_token
+
+        with httpx.Client(timeout=30.0) as http:
+            return f"Bearer {fetch_token(http, self.token_url, self.credentials)['access_token']}"
 
 
 # -- databases ------------------------------------------------------------------------
@@ -240,11 +272,12 @@ def pinning(args: argparse.Namespace) -> tuple[int | None, int | None]:
 
 
 def load_tasks(port: int, args: argparse.Namespace, client_cpu: int | None,
-               workdir: Path) -> dict[str, Any]:
+               workdir: Path, authorization: str) -> dict[str, Any]:
     bundles = math.ceil(args.tasks / workload.BUNDLE_SIZE)
     started = time.perf_counter()
     result = run_loadgen(port, "load", connections=min(4, bundles), requests=bundles,
-                         params={"tasks": args.tasks}, cpu=client_cpu, workdir=workdir)
+                         params={"tasks": args.tasks}, cpu=client_cpu, workdir=workdir,
+                         authorization=authorization)
     seconds = time.perf_counter() - started
     if result["errors"]:
         raise RuntimeError(f"loading Tasks failed: {result['failures']}")
@@ -252,13 +285,16 @@ def load_tasks(port: int, args: argparse.Namespace, client_cpu: int | None,
             "tasks_per_s": round(args.tasks / seconds, 1)}
 
 
-def check_dataset(port: int, tasks: int) -> None:
+def check_dataset(port: int, tasks: int, authorization: str) -> None:
     """Fail loudly when the searched data is not what the figures claim."""
     base = f"http://127.0.0.1:{port}/fhir"
-    with urllib.request.urlopen(f"{base}/Task/{workload.task_id(tasks - 1)}", timeout=30) as r:
+    headers = {"Authorization": authorization}
+    read = urllib.request.Request(f"{base}/Task/{workload.task_id(tasks - 1)}", headers=headers)
+    with urllib.request.urlopen(read, timeout=30) as r:
         assert json.load(r)["id"] == workload.task_id(tasks - 1)
     url = f"{base}/Task?status=ready&owner=Organization/org-0&_count=20"
-    with urllib.request.urlopen(url, timeout=30) as response:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                timeout=30) as response:
         bundle = json.load(response)
     expected = min(20, len(range(0, tasks, len(workload.STATUSES) * workload.ORGANISATIONS)))
     found = len(bundle.get("entry", []))
@@ -279,14 +315,18 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                                   {**os.environ, "PYTHONPATH": str(ROOT)}, "/bare",
                                   server_cpu))
         ports["gateway"] = gateway_port = free_port()
-        env = {**os.environ, "ATM_DATABASE_URL": database.url,
+        # As deployed (authentication and the audit trail on), without the per-client
+        # rate limit: the benchmark's one client is meant to go as fast as it can.
+        env = {**os.environ, "ATM_DATABASE_URL": database.url, "ATM_AUTH": "smart",
+               "ATM_RATE_LIMIT_PER_SECOND": "0",
                "ATM_BASE_URL": f"http://127.0.0.1:{gateway_port}/fhir"}
         servers.append(Server("gateway", [sys.executable, "-m", "gateway.cli", "serve",
                                           "--host", "127.0.0.1", "--port", str(gateway_port)],
                               gateway_port, workdir, env, "/healthz", server_cpu))
-        loaded = load_tasks(gateway_port, args, client_cpu, workdir)
+        client = BenchClient(database.url, gateway_port)
+        loaded = load_tasks(gateway_port, args, client_cpu, workdir, client.authorization())
         database.analyze()
-        check_dataset(gateway_port, args.tasks)
+        check_dataset(gateway_port, args.tasks, client.authorization())
         results: dict[str, Any] = {}
 
         def drive(scenario: Scenario, duration: float) -> dict[str, Any]:
@@ -294,7 +334,9 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             result = run_loadgen(
                 ports[scenario.server], scenario.name, connections=connections,
                 duration=duration, params={"tasks": args.tasks, "connections": connections},
-                cpu=client_cpu, workdir=workdir)
+                cpu=client_cpu, workdir=workdir,
+                authorization=client.authorization() if scenario.server == "gateway"
+                else None)
             result["connections"] = connections
             return result
 
@@ -310,7 +352,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             results[scenario.name] = drive(scenario, args.duration)
             after = drive(baseline, args.duration / 2)
             results[scenario.name]["adjacent_baseline_rps"] = [before["rps"], after["rps"]]
-        journeys = run_journeys(gateway_port, args, client_cpu, workdir)
+        journeys = run_journeys(gateway_port, args, client_cpu, workdir, client)
         return {"load": loaded, "scenarios": results, "journeys": journeys,
                 "pinned": {"server_cpu": server_cpu, "client_cpu": client_cpu}}
     except Exception:

@@ -53,7 +53,9 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on"),
                + f".\nWatch whole therapy journeys: atm demo --server {base}"
                + ("\nWARNING: ATM_AUTH=off: no one is asked who they are; anyone can read "
                   "and change everything. For local exploration only."
-                  if settings.auth == "off" else ""))
+                  if settings.auth == "off" else
+                  "\nEvery request needs a token: atm clients add … --new-key FILE, then "
+                  "atm token --credentials FILE"))
     with shared_metrics(workers):
         uvicorn.run("gateway.app:create_app", factory=True, host=host, port=port,
                     workers=workers, loop="uvloop", http="httptools", access_log=False,
@@ -113,16 +115,22 @@ def demo(server: str = typer.Option("http://127.0.0.1:8080/fhir", help="FHIR bas
          timeout: float = typer.Option(300.0, help="Give up after this many seconds "
                                        "without every journey finished")) -> None:
     """Play whole therapy journeys against a running server: enrol patients, act as
-    every partner (one QC release fails and is repeated), and sum up."""
+    every partner (one QC release fails and is repeated), and sum up. When the server
+    asks for tokens, the demo registers its partners' clients in ATM_DATABASE_URL (the
+    server's database: run it beside the server)."""
     import httpx
 
+    from gateway.auth.credentials import TokenError
     from orchestration.demo import DemoError, run_demo
 
+    db = _database()
     try:
-        summary = run_demo(server, patients, typer.echo, timeout=timeout)
-    except (DemoError, httpx.HTTPError) as exc:
+        summary = run_demo(server, patients, typer.echo, timeout=timeout, db=db)
+    except (DemoError, TokenError, httpx.HTTPError) as exc:
         typer.echo(f"demo stopped: {exc}", err=True)
         raise typer.Exit(1) from exc
+    finally:
+        db.dispose()
     typer.echo("")
     typer.echo("\n".join(summary))
 
@@ -148,24 +156,34 @@ def clients_add(
         jwks_file: Annotated[Path | None, typer.Option(
             exists=True, dir_okay=False, help="Its public keys, a JWK Set file")] = None,
         jwks_url: Annotated[str | None, typer.Option(help="Where its JWK Set is")] = None,
+        new_key: Annotated[Path | None, typer.Option(
+            dir_okay=False, help="Make it a new key pair and write its credentials (client "
+            "id and private key, for `atm token`) to this file")] = None,
         scopes: Annotated[str, typer.Option(help="Widest scopes its tokens may carry")]
         = "system/*.rs",
 ) -> None:
     """Register a client; print it (with its client_id) as JSON."""
+    from gateway.auth import credentials
     from gateway.auth.clients import RegistrationError, add_client
 
+    if new_key is not None and (jwks_file or jwks_url):
+        _fail("--new-key makes the client's keys: give it without --jwks-file or --jwks-url")
+    key = credentials.new_key() if new_key is not None else None
     try:
         jwks = json.loads(jwks_file.read_text(encoding="utf-8")) if jwks_file else None
     except (ValueError, UnicodeDecodeError) as exc:
         _fail(f"{jwks_file} is not a JSON JWK Set ({exc})")
     db = _database()
     try:
-        client = add_client(db, name=name, role=role, organization=organization, jwks=jwks,
+        client = add_client(db, name=name, role=role, organization=organization,
+                            jwks=credentials.public_jwks(key) if key else jwks,
                             jwks_url=jwks_url, scopes=scopes)
     except RegistrationError as exc:
         _fail(str(exc))
     finally:
         db.dispose()
+    if new_key is not None and key is not None:
+        credentials.Credentials(client.client_id, key).save(new_key)
     typer.echo(json.dumps(client.summary(), indent=2))
 
 
@@ -184,7 +202,7 @@ def clients_list() -> None:
 
 @clients_app.command("disable")
 def clients_disable(client_id: Annotated[str, typer.Argument(help="The client's id")]) -> None:
-    """Refuse the client new tokens; its current tokens stop working at once."""
+    """Refuse the client new tokens; its current tokens stop working within a second."""
     from gateway.auth.clients import set_disabled
 
     db = _database()
@@ -208,6 +226,35 @@ def db_upgrade() -> None:
     upgrade(engine)
     engine.dispose()
     typer.echo("database is at the newest schema")
+
+
+@app.command()
+def token(
+        credentials_file: Annotated[Path, typer.Option(
+            "--credentials", exists=True, dir_okay=False,
+            help="A client's credentials, as `atm clients add --new-key` wrote them")],
+        server: Annotated[str, typer.Option(help="FHIR base URL of the gateway")]
+        = "http://127.0.0.1:8080/fhir",
+        scope: Annotated[str | None, typer.Option(help="Scopes to ask for (default: all "
+                                                  "the client is registered for)")] = None,
+) -> None:
+    """Print an access token for a registered client (SMART Backend Services)."""
+    import httpx
+
+    from gateway.auth.credentials import Credentials, TokenError, fetch_token, token_url
+
+    try:
+        creds = Credentials.load(credentials_file)
+    except (ValueError, KeyError, TypeError) as exc:
+        _fail(f"{credentials_file} holds no client credentials ({exc})")
+    try:
+        with httpx.Client(timeout=30.0) as http:
+            url = token_url(http, server)
+            if url is None:
+                _fail(f"{server} asks for no token (it runs with ATM_AUTH=off)")
+            typer.echo(fetch_token(http, url, creds, scope)["access_token"])
+    except (TokenError, httpx.HTTPError) as exc:
+        _fail(str(exc))
 
 
 @audit_app.command("verify")

@@ -27,9 +27,10 @@ class Settings(BaseSettings):
     max_include: int = 1000
     """Upper bound on resources added by _include/_revinclude to one page."""
     transaction_max_entries: int = 10_000
-    auth: Literal["smart", "off"] = "off"
+    auth: Literal["smart", "off"] = "smart"
     """smart: every FHIR request needs a SMART Backend Services access token whose
-    scopes allow it (/metadata and discovery excepted). off: anyone may do anything."""
+    scopes allow it (/metadata and discovery excepted). off: anyone may do anything
+    (local exploration only; the server warns at start-up and in /metadata)."""
     rate_limit_per_second: float = 200.0
     """Requests a second each client may make (ATM_AUTH=smart; 0: no limit)."""
     rate_limit_burst: int = 400

@@ -1,7 +1,10 @@
 """`atm demo`: whole therapy journeys against a running gateway, over HTTP.
 
 It enrols synthetic patients in the protocols the server holds, then plays every partner:
-each open Task is started and completed (one QC release fails once, so the journey goes
+each partner organisation (treatment centre, apheresis centre, courier, manufacturer,
+payer) is a client of its own, registered by the demo in the server's database when the
+server asks for tokens, and sees and does only what its role allows. Each open Task is
+started and completed by the partner that owns it (one QC release fails once, so the journey goes
 back to collection), with execution times on a simulated clock so that the lead times and
 vein-to-vein days are those of a real journey. The orchestrator inside the server does the
 rest; the demo only watches it, prints each step as it happens, and sums up at the end.
@@ -18,6 +21,9 @@ from typing import Any
 
 import httpx
 
+from gateway.auth.clients import ROLES, add_client, list_clients, set_disabled
+from gateway.auth.credentials import Credentials, SmartAuth, new_key, public_jwks, token_url
+from gateway.store.database import Database
 from orchestration.protocol import Protocol, definitions, from_plan_definition
 from orchestration.state import ROLE_ASSIGNMENT, parse_instant, task_run_key
 
@@ -27,6 +33,10 @@ FAILING_STAGE = "qc-release"
 NAMES = [("Durand", "Élodie"), ("Okafor", "Chidi"), ("Lindqvist", "Maja"),
          ("Tanaka", "Hiro"), ("Moreau", "Louis"), ("Silva", "Ana")]
 Say = Callable[[str], None]
+CLIENT_NAME = "ATM demo: "  # the demo's clients; each run disables the previous run's
+TREATMENT_CENTRE = "treatment-centre"
+# Protocol roles played by people of the treatment centre; the others are client roles.
+CLIENT_ROLE = {"physician": TREATMENT_CENTRE, "coordinator": TREATMENT_CENTRE}
 
 
 class DemoError(RuntimeError):
@@ -59,16 +69,60 @@ def _stage_of(task: dict[str, Any]) -> str:
     return key[1] if key else ""
 
 
+def organization_of(protocol_role: str) -> str:
+    """The demo partner organisation that plays a protocol role."""
+    role = CLIENT_ROLE.get(protocol_role, protocol_role)
+    return f"Organization/atm-demo-{role if role in ROLES else TREATMENT_CENTRE}"
+
+
+class Partners:
+    """The demo's partner systems: one OAuth2 client per organisation (SMART Backend
+    Services), registered in the server's database; none when the server asks for no
+    token (ATM_AUTH=off)."""
+
+    def __init__(self, http: httpx.Client, base_url: str, db: Database | None) -> None:
+        self.token_url = token_url(http, base_url)
+        self.db = db
+        self._auth: dict[str, SmartAuth] = {}
+        if self.token_url is not None and db is None:
+            raise DemoError("the server asks for tokens: run `atm demo` beside it, with its "
+                            "ATM_DATABASE_URL, so that the demo can register its partners")
+        if self.token_url is not None and db is not None:
+            for client in list_clients(db):  # the previous run's keys are gone
+                if client.name.startswith(CLIENT_NAME) and not client.disabled:
+                    set_disabled(db, client.client_id)
+
+    def auth(self, organization: str) -> SmartAuth | None:
+        """The client acting for this organisation (registered when first needed)."""
+        if self.token_url is None or self.db is None:
+            return None
+        if organization not in self._auth:
+            role = organization.removeprefix("Organization/atm-demo-")
+            key = new_key()
+            client = add_client(self.db, name=f"{CLIENT_NAME}{role}", role=role,
+                                organization=organization, jwks=public_jwks(key),
+                                scopes="system/*.cruds")
+            self._auth[organization] = SmartAuth(self.token_url,
+                                                 Credentials(client.client_id, key))
+        return self._auth[organization]
+
+
 class Demo:
-    def __init__(self, client: httpx.Client, say: Say, *, timeout: float = 120.0) -> None:
-        self.client, self.say, self.timeout = client, say, timeout
-        self.tasks_written = 0
+    def __init__(self, client: httpx.Client, partners: Partners, say: Say, *,
+                 timeout: float = 120.0) -> None:
+        self.client, self.partners, self.say, self.timeout = client, partners, say, timeout
+        self.centre = organization_of(TREATMENT_CENTRE)
 
     # -- HTTP ------------------------------------------------------------------------
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+              by: str | None = None) -> Any:
+        """One request as the partner organisation `by` (the treatment centre unless
+        said otherwise)."""
+        auth = self.partners.auth(by or self.centre)
         response = self.client.request(method, path, json=body,
                                        headers={"content-type": FHIR_JSON,
-                                                "accept": FHIR_JSON})
+                                                "accept": FHIR_JSON},
+                                       auth=auth or httpx.USE_CLIENT_DEFAULT)
         if response.status_code >= 400:
             raise DemoError(f"{method} {path} answered {response.status_code}: "
                             f"{response.text[:300]}")
@@ -98,13 +152,16 @@ class Demo:
         patient = self._call("POST", "Patient", {
             "resourceType": "Patient", "name": [{"family": family, "given": [given]}],
             "identifier": [{"system": "https://atm-gateway.org/demo/patient",
-                            "value": str(uuid.uuid4())}], "birthDate": "1971-05-02"})
+                            "value": str(uuid.uuid4())}], "birthDate": "1971-05-02",
+            "managingOrganization": {"reference": self.centre}})
         roles = sorted({s.role for s in protocol.stages.values() if s.role})
         assignments = []
         for role in roles:
-            org = self._call("POST", "Organization", {
-                "resourceType": "Organization", "name": f"Demo {role.replace('-', ' ')}"})
-            reference = {"reference": f"Organization/{org['id']}"}
+            organization = organization_of(role)
+            self._call("PUT", organization, {
+                "resourceType": "Organization", "id": organization.split("/")[1],
+                "name": f"Demo {organization.split('atm-demo-')[1].replace('-', ' ')}"})
+            reference = {"reference": organization}
             assignments.append({"url": ROLE_ASSIGNMENT, "extension": [
                 {"url": "role", "valueCode": role},
                 {"url": "organization", "valueReference": reference}]})
@@ -158,15 +215,18 @@ class Demo:
         end = begin + took
         journey.clock = max(journey.clock, end)
         fail = journey.fail_qc and stage.id == FAILING_STAGE and journey.repeats == 0
+        owner = task.get("owner", {}).get("reference") or self.centre
         started = self._call("PUT", f"Task/{task['id']}", {
             **task, "status": "in-progress",
-            "executionPeriod": {"start": begin.isoformat()}})
-        finished = {**started, "status": "failed" if fail else "completed",
+            "executionPeriod": {"start": begin.isoformat()}}, by=owner)
+        # From the treatment centre's copy: a partner's view may leave details out.
+        finished = {**task, "meta": started["meta"],
+                    "status": "failed" if fail else "completed",
                     "executionPeriod": {"start": begin.isoformat(), "end": end.isoformat()}}
         if fail:
             finished["statusReason"] = {"text": "Sterility test failed: batch not released"}
             journey.repeats += 1
-        self._call("PUT", f"Task/{task['id']}", finished)
+        self._call("PUT", f"Task/{task['id']}", finished, by=owner)
         journey.done.add(task["id"])
         day = (end - journey.started).days
         self.say(f"{journey.label}: day {day:>3}  {stage.title} "
@@ -193,12 +253,14 @@ class Demo:
         return lines
 
 
-def run_demo(base_url: str, patients: int, say: Say, *, timeout: float = 120.0) -> list[str]:
+def run_demo(base_url: str, patients: int, say: Say, *, timeout: float = 120.0,
+             db: Database | None = None) -> list[str]:
     """Enrol `patients` across the server's protocols, play them through, and return the
-    summary lines (the second patient's first QC release fails)."""
+    summary lines (the second patient's first QC release fails). `db` is the server's
+    database, where the partners' clients are registered if the server asks for tokens."""
     start = datetime.now(UTC).replace(microsecond=0)
     with httpx.Client(base_url=base_url.rstrip("/") + "/", timeout=30.0) as client:
-        demo = Demo(client, say, timeout=timeout)
+        demo = Demo(client, Partners(client, base_url, db), say, timeout=timeout)
         available = demo.protocols()
         say(f"{len(available)} protocols on {base_url}: "
             + ", ".join(p.title for _, p in available))

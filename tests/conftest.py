@@ -98,9 +98,11 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def settings(database_url: str) -> Settings:
     # The orchestrator and the shipped protocols are started by the tests that use them.
+    # Most tests exercise FHIR behaviour, not access: authentication is off unless a test
+    # turns it on (client_with(settings, auth="smart")).
     return Settings(database_url=database_url, base_url="http://testserver/fhir",
                     max_body_bytes=1_000_000, log_json=False, orchestrator=False,
-                    load_protocols=False)
+                    load_protocols=False, auth="off")
 
 
 @pytest.fixture
@@ -140,12 +142,13 @@ def live_server(database_url: str) -> Iterator[str]:
 
 @contextmanager
 def running_server(database_url: str, **overrides: Any) -> Iterator[str]:
-    """A real uvicorn server on 127.0.0.1 in a thread, without the orchestrator unless
-    `overrides` says otherwise; yields its FHIR base URL."""
+    """A real uvicorn server on 127.0.0.1 in a thread, without the orchestrator or
+    authentication unless `overrides` says otherwise; yields its FHIR base URL."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}/fhir"
     settings = Settings(database_url=database_url, base_url=base, log_json=False,
-                        **{"orchestrator": False, "load_protocols": False, **overrides})
+                        **{"orchestrator": False, "load_protocols": False, "auth": "off",
+                           **overrides})
     config = uvicorn.Config(create_app(settings, migrate=False), host="127.0.0.1", port=port,
                             log_level="warning", loop="asyncio", lifespan="on")
     server = uvicorn.Server(config)

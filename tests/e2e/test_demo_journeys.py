@@ -1,26 +1,40 @@
 """Whole journeys of the three shipped protocols, played by `atm demo` over HTTP against a
-real server whose orchestrator advances them: parallel stages, sub-stages, a skipped
-condition, a failed QC and its repeat, lead times and completion."""
+real server, with authentication on, whose orchestrator advances them: each partner a
+client of its own, parallel stages, sub-stages, a skipped condition, a failed QC and its
+repeat, lead times and completion."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
 
-from orchestration.demo import run_demo
+from gateway.auth.clients import add_client, list_clients
+from gateway.auth.credentials import Credentials, SmartAuth, new_key, public_jwks
+from gateway.store.database import Database
+from orchestration.demo import CLIENT_NAME, run_demo
 from tests.conftest import running_server
 
 
 @pytest.fixture
 def orchestrated_server(database_url: str) -> str:
     with running_server(database_url, orchestrator=True, load_protocols=True,
-                        orchestrator_poll_seconds=0.05) as base:
+                        orchestrator_poll_seconds=0.05, auth="smart",
+                        rate_limit_per_second=0) as base:
         yield base  # type: ignore[misc]
 
 
-def test_demo_plays_every_shipped_protocol_to_completion(orchestrated_server: str) -> None:
+def admin_auth(db: Database, base: str) -> SmartAuth:
+    key = new_key()
+    client = add_client(db, name="inspector", role="admin", organization="Organization/ops",
+                        jwks=public_jwks(key), scopes="system/*.cruds")
+    token_url = base.removesuffix("/fhir") + "/auth/token"
+    return SmartAuth(token_url, Credentials(client.client_id, key))
+
+
+def test_demo_plays_every_shipped_protocol_to_completion(orchestrated_server: str,
+                                                         db: Database) -> None:
     said: list[str] = []
-    summary = run_demo(orchestrated_server, patients=3, say=said.append, timeout=240)
+    summary = run_demo(orchestrated_server, patients=3, say=said.append, timeout=240, db=db)
     header, *rows, totals = summary
     assert len(rows) == 3
     assert all(" completed " in row for row in rows), "\n".join(said)
@@ -30,7 +44,11 @@ def test_demo_plays_every_shipped_protocol_to_completion(orchestrated_server: st
     assert any("QC release FAILED" in line for line in said)
     vein_to_vein = int(car_t.split(" d ")[0].split()[-1])
     assert 20 < vein_to_vein < 120
-    with httpx.Client(base_url=orchestrated_server + "/") as client:
+    demo_clients = {c.role for c in list_clients(db) if c.name.startswith(CLIENT_NAME)}
+    assert demo_clients == {"treatment-centre", "apheresis-centre", "courier",
+                            "manufacturer", "payer"}
+    with httpx.Client(base_url=orchestrated_server + "/",
+                      auth=admin_auth(db, orchestrated_server)) as client:
         apheresis = client.get("Task?code=apheresis&_summary=count").json()["total"]
         assert apheresis == 2  # the CAR-T patient's apheresis, run twice
         provenances = client.get("Provenance?_summary=count").json()["total"]

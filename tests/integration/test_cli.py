@@ -131,6 +131,30 @@ def test_serve_answers_healthz_fhir_and_logs_json(served: tuple[str, Path]) -> N
     assert access[0]["duration_ms"] >= 0
 
 
+def test_serve_asks_for_tokens_and_a_client_made_with_new_key_gets_one(
+        served: tuple[str, Path], tmp_path: Path) -> None:
+    address, _ = served
+    assert httpx.get(f"{address}/fhir/Task").status_code == 401  # ATM_AUTH=smart by default
+    added = run_atm(tmp_path, "clients", "add", "--name", "explorer", "--role", "admin",
+                    "--organization", "Organization/ops", "--scopes", "system/*.cruds",
+                    "--new-key", "var/explorer.json")
+    assert added.returncode == 0, added.stderr
+    saved = tmp_path / "var" / "explorer.json"
+    assert saved.stat().st_mode & 0o077 == 0  # its owner's eyes only
+    credentials = json.loads(saved.read_text())
+    assert credentials["client_id"] == json.loads(added.stdout)["client_id"]
+    assert "d" in credentials["keys"][0]  # the private key, kept by the client alone
+    token = run_atm(tmp_path, "token", "--credentials", "var/explorer.json",
+                    "--server", f"{address}/fhir")
+    assert token.returncode == 0, token.stderr
+    bearer = {"Authorization": f"Bearer {token.stdout.strip()}"}
+    assert httpx.get(f"{address}/fhir/Task", headers=bearer).status_code == 200
+    refused = run_atm(tmp_path, "clients", "add", "--name", "x", "--role", "admin",
+                      "--organization", "Organization/ops", "--new-key", "var/x.json",
+                      "--jwks-url", "https://example.org/jwks")
+    assert refused.returncode != 0 and "--new-key" in refused.stderr
+
+
 def test_audit_verify_reports_an_intact_chain_then_names_an_edited_record(
         served: tuple[str, Path], tmp_path: Path) -> None:
     address, _ = served

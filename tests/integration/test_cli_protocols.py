@@ -115,7 +115,7 @@ def test_load_into_a_fresh_sqlite_database_then_read_back_through_the_api(
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [_loaded_line(p, url, "created") for p in SHIPPED]
     settings = Settings(database_url=url, base_url="http://testserver/fhir", log_json=False,
-                        load_protocols=False, orchestrator=False)
+                        load_protocols=False, orchestrator=False, auth="off")
     with TestClient(create_app(settings, migrate=False)) as client:
         for path in SHIPPED:
             compiled = _compiled(path)
@@ -136,7 +136,8 @@ def test_loading_twice_leaves_one_plan_definition(database_url: str, tmp_path: P
                                  f"{_masked(database_url)}\n")
     assert "(updated)" in again.stdout
     settings = Settings(database_url=database_url, base_url="http://testserver/fhir",
-                        log_json=False, load_protocols=False, orchestrator=False)
+                        log_json=False, load_protocols=False, orchestrator=False,
+                        auth="off")
     with TestClient(create_app(settings, migrate=False)) as client:
         found = client.get("/fhir/PlanDefinition", params={
             "url": "https://atm-gateway.org/fhir/PlanDefinition/car-t-autologous"}).json()
