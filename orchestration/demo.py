@@ -1,13 +1,14 @@
 """`atm demo`: whole therapy journeys against a running gateway, over HTTP.
 
-It enrols synthetic patients in the protocols the server holds, then plays every partner:
-each partner organisation (treatment centre, apheresis centre, courier, manufacturer,
+It enrols synthetic patients in the protocols the server holds, then plays every partner.
+Each partner organisation (treatment centre, apheresis centre, courier, manufacturer,
 payer) is a client of its own, registered by the demo in the server's database when the
 server asks for tokens, and sees and does only what its role allows. Each open Task is
-started and completed by the partner that owns it (one QC release fails once, so the journey goes
-back to collection), with execution times on a simulated clock so that the lead times and
-vein-to-vein days are those of a real journey. The orchestrator inside the server does the
-rest; the demo only watches it, prints each step as it happens, and sums up at the end.
+started and completed by the partner that owns it (one QC release fails once, so the
+journey goes back to collection), with execution times on a simulated clock so that the
+lead times and vein-to-vein days are those of a real journey. The orchestrator inside the
+server does the rest; the demo only watches it, prints each step as it happens, and sums
+up at the end.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ NAMES = [("Durand", "Élodie"), ("Okafor", "Chidi"), ("Lindqvist", "Maja"),
 Say = Callable[[str], None]
 CLIENT_NAME = "ATM demo: "  # the demo's clients; each run disables the previous run's
 TREATMENT_CENTRE = "treatment-centre"
+DEMO_ORGANIZATION = "Organization/atm-demo-"  # + the client role it plays
 # Protocol roles played by people of the treatment centre; the others are client roles.
 CLIENT_ROLE = {"physician": TREATMENT_CENTRE, "coordinator": TREATMENT_CENTRE}
 
@@ -72,7 +74,7 @@ def _stage_of(task: dict[str, Any]) -> str:
 def organization_of(protocol_role: str) -> str:
     """The demo partner organisation that plays a protocol role."""
     role = CLIENT_ROLE.get(protocol_role, protocol_role)
-    return f"Organization/atm-demo-{role if role in ROLES else TREATMENT_CENTRE}"
+    return DEMO_ORGANIZATION + (role if role in ROLES else TREATMENT_CENTRE)
 
 
 class Partners:
@@ -97,7 +99,7 @@ class Partners:
         if self.token_url is None or self.db is None:
             return None
         if organization not in self._auth:
-            role = organization.removeprefix("Organization/atm-demo-")
+            role = organization.removeprefix(DEMO_ORGANIZATION)
             key = new_key()
             client = add_client(self.db, name=f"{CLIENT_NAME}{role}", role=role,
                                 organization=organization, jwks=public_jwks(key),
@@ -160,7 +162,7 @@ class Demo:
             organization = organization_of(role)
             self._call("PUT", organization, {
                 "resourceType": "Organization", "id": organization.split("/")[1],
-                "name": f"Demo {organization.split('atm-demo-')[1].replace('-', ' ')}"})
+                "name": "Demo " + organization.removeprefix(DEMO_ORGANIZATION).replace("-", " ")})
             reference = {"reference": organization}
             assignments.append({"url": ROLE_ASSIGNMENT, "extension": [
                 {"url": "role", "valueCode": role},
@@ -215,7 +217,8 @@ class Demo:
         end = begin + took
         journey.clock = max(journey.clock, end)
         fail = journey.fail_qc and stage.id == FAILING_STAGE and journey.repeats == 0
-        owner = task.get("owner", {}).get("reference") or self.centre
+        owner = task.get("owner", {}).get("reference", "")
+        owner = owner if owner.startswith(DEMO_ORGANIZATION) else self.centre
         started = self._call("PUT", f"Task/{task['id']}", {
             **task, "status": "in-progress",
             "executionPeriod": {"start": begin.isoformat()}}, by=owner)

@@ -88,6 +88,8 @@ def _add_routes() -> None:
     _route("/{type}/_search", ["POST"], "search-type by form", params=[_TYPE], body=_FORM_BODY)
     _route("/{type}/_history", ["GET"], "history-type", params=[_TYPE])
     _route("/{type}/$validate", ["POST"], "$validate", params=[_TYPE], body=_RESOURCE_BODY)
+    _route("/AuditEvent/$verify-chain", ["GET"], "check the audit trail's hash chain "
+           "(a Parameters: intact, checked, pending, brokenAt)", params=no_params)
     _route("/{type}/{id}", ["GET"], "read", params=[_TYPE, _ID],
            headers=("If-None-Match", "If-Modified-Since"))
     _route("/{type}/{id}", ["PUT"], "update (creates with the client's id)",

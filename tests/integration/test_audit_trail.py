@@ -16,16 +16,12 @@ from sqlalchemy import delete, update
 from gateway.audit import log as audit_log_module
 from gateway.audit.chain import seal, verify
 from gateway.audit.events import Row
-from gateway.auth.clients import add_client
 from gateway.settings import Settings
 from gateway.store.database import Database
 from gateway.store.schema import audit_chain, audit_log
 from tests.conftest import client_with
 from tests.factories import task
-from tests.integration.test_auth_tokens import RSA, assertion, public_set, token_request
-
-FHIR = {"content-type": "application/fhir+json"}
-A, B = "Organization/courier-a", "Organization/courier-b"
+from tests.integration.auth_support import FHIR, A, B, bearer
 
 
 @pytest.fixture
@@ -61,13 +57,6 @@ def subtype(event: dict[str, Any]) -> str:
 def entities(event: dict[str, Any]) -> list[str]:
     return [e["what"]["reference"] for e in event.get("entity", []) if "what" in e]
 
-
-def bearer(client: TestClient, db: Database, role: str, organization: str,
-           scopes: str = "system/*.cruds") -> dict[str, str]:
-    registered = add_client(db, name=f"{role} {organization}", role=role,
-                            organization=organization, jwks=public_set(RSA), scopes=scopes)
-    token = token_request(client, assertion(registered)).json()["access_token"]
-    return {**FHIR, "authorization": f"Bearer {token}", "x-client": registered.client_id}
 
 
 def test_every_interaction_leaves_one_balp_record(open_client: TestClient) -> None:

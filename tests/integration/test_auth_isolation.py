@@ -10,15 +10,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.auth.clients import add_client
 from gateway.settings import Settings
 from gateway.store.database import Database
 from tests.conftest import client_with
 from tests.factories import task
-from tests.integration.test_auth_tokens import RSA, assertion, public_set, token_request
-
-FHIR = {"content-type": "application/fhir+json"}
-A, B = "Organization/courier-a", "Organization/courier-b"
+from tests.integration.auth_support import A, B, bearer
 
 
 @pytest.fixture
@@ -26,13 +22,6 @@ def client(settings: Settings) -> Iterator[TestClient]:
     with client_with(settings, auth="smart") as test_client:
         yield test_client
 
-
-def bearer(client: TestClient, db: Database, role: str, organization: str) -> dict[str, str]:
-    registered = add_client(db, name=f"{role} {organization}", role=role,
-                            organization=organization, jwks=public_set(RSA),
-                            scopes="system/*.cruds")
-    token = token_request(client, assertion(registered)).json()["access_token"]
-    return {**FHIR, "authorization": f"Bearer {token}"}
 
 
 @pytest.fixture
