@@ -5,6 +5,7 @@ check of a client assertion failed."""
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -70,20 +71,25 @@ async def _authenticated(request: Request, form: dict[str, str],
     return client
 
 
-def _begin_audit(request: Request, endpoint: str) -> RequestAudit | None:
-    """The audit record of a request to an OAuth2 endpoint (closed by `_recorded`)."""
+async def _audited(request: Request, endpoint: str,
+                   answer: Callable[[RequestAudit | None], Awaitable[JSONResponse]]
+                   ) -> JSONResponse:
+    """Answer a call to an OAuth2 endpoint and record it in the audit trail, however it
+    ends (a failure of the server's included)."""
     trail: AuditTrail | None = getattr(request.app.state, "audit", None)
-    if trail is None:
-        return None
-    return trail.begin("POST", f"auth/{endpoint}", None,
-                       client_address(request.app.state.settings, request.scope,
-                                      header_dict(request.scope)),
-                       request.scope.get("state", {}).get("request_id"), event_type="login")
-
-
-def _recorded(audit: RequestAudit | None, response: JSONResponse) -> JSONResponse:
+    audit = None if trail is None else trail.begin(
+        "POST", f"auth/{endpoint}", None,
+        client_address(request.app.state.settings, request.scope, header_dict(request.scope)),
+        request.scope.get("state", {}).get("request_id"), event_type="login")
     if audit is not None:
-        audit.subtype = audit.path.removeprefix("auth/")
+        audit.subtype = endpoint
+    try:
+        response = await answer(audit)
+    except Exception:
+        if audit is not None:
+            audit.close(500)
+        raise
+    if audit is not None:
         audit.close(response.status_code)
     return response
 
@@ -107,8 +113,7 @@ async def smart_configuration(request: Request) -> JSONResponse:
 @router.post("/auth/token", summary="Access token (client_credentials, private_key_jwt)",
              operation_id="token", response_class=JSONResponse)
 async def token(request: Request) -> JSONResponse:
-    audit = _begin_audit(request, "token")
-    return _recorded(audit, await _token(request, audit))
+    return await _audited(request, "token", lambda audit: _token(request, audit))
 
 
 async def _token(request: Request, audit: RequestAudit | None) -> JSONResponse:
@@ -146,21 +151,25 @@ async def _token_and_caller(request: Request, audit: RequestAudit | None
 @router.post("/auth/introspect", summary="Token introspection (RFC 7662)",
              operation_id="introspect", response_class=JSONResponse)
 async def introspect(request: Request) -> JSONResponse:
-    audit = _begin_audit(request, "introspect")
-    asked = await _token_and_caller(request, audit)
-    if isinstance(asked, JSONResponse):
-        return _recorded(audit, asked)
-    answer = await run_in_threadpool(tokens.introspect, request.app.state.db, *asked,
-                                     int(time.time()))
-    return _recorded(audit, JSONResponse(answer, headers=NO_STORE))
+    async def answer(audit: RequestAudit | None) -> JSONResponse:
+        asked = await _token_and_caller(request, audit)
+        if isinstance(asked, JSONResponse):
+            return asked
+        found = await run_in_threadpool(tokens.introspect, request.app.state.db, *asked,
+                                        int(time.time()))
+        return JSONResponse(found, headers=NO_STORE)
+
+    return await _audited(request, "introspect", answer)
 
 
 @router.post("/auth/revoke", summary="Token revocation (RFC 7009)", operation_id="revoke",
              response_class=JSONResponse)
 async def revoke(request: Request) -> JSONResponse:
-    audit = _begin_audit(request, "revoke")
-    asked = await _token_and_caller(request, audit)
-    if isinstance(asked, JSONResponse):
-        return _recorded(audit, asked)
-    await run_in_threadpool(tokens.revoke, request.app.state.db, *asked)
-    return _recorded(audit, JSONResponse({}, headers=NO_STORE))
+    async def answer(audit: RequestAudit | None) -> JSONResponse:
+        asked = await _token_and_caller(request, audit)
+        if isinstance(asked, JSONResponse):
+            return asked
+        await run_in_threadpool(tokens.revoke, request.app.state.db, *asked)
+        return JSONResponse({}, headers=NO_STORE)
+
+    return await _audited(request, "revoke", answer)

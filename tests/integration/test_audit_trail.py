@@ -16,12 +16,20 @@ from sqlalchemy import delete, update
 from gateway.audit import log as audit_log_module
 from gateway.audit.chain import seal, verify
 from gateway.audit.events import Row
+from gateway.auth.clients import add_client
 from gateway.settings import Settings
 from gateway.store.database import Database
 from gateway.store.schema import audit_chain, audit_log
 from tests.conftest import client_with
 from tests.factories import task
 from tests.integration.auth_support import FHIR, A, B, bearer
+from tests.integration.test_auth_tokens import (
+    ASSERTION_TYPE,
+    RSA,
+    assertion,
+    public_set,
+    token_request,
+)
 
 
 @pytest.fixture
@@ -191,6 +199,21 @@ def test_refusals_and_failed_authentications_are_recorded_with_who_and_where(
     assert [(e["type"]["code"], subtype(e), e["outcome"]) for e in unauthenticated] == [
         ("rest", "search-type", "4"), ("110114", "token", "4")]
     assert unauthenticated[0]["outcomeDesc"] == "Minor failure (HTTP 401)"
+
+
+def test_introspection_and_revocation_are_recorded(guarded: TestClient, db: Database) -> None:
+    registered = add_client(db, name="lims", role="lims", organization=A,
+                            jwks=public_set(RSA), scopes="system/Task.rs")
+    token = token_request(guarded, assertion(registered)).json()["access_token"]
+    form = {"token": token, "client_assertion": assertion(registered),
+            "client_assertion_type": ASSERTION_TYPE}
+    assert guarded.post("/auth/introspect", data=form).json()["active"] is True
+    assert guarded.post("/auth/revoke", data={
+        **form, "client_assertion": assertion(registered)}).status_code == 200
+    admin = bearer(guarded, db, "admin", "Organization/ops")
+    mine = trail(guarded, admin, altid=registered.client_id)
+    assert [(e["type"]["code"], subtype(e), e["outcome"]) for e in mine] == [
+        ("110114", "token", "0"), ("110114", "introspect", "0"), ("110114", "revoke", "0")]
 
 
 def test_each_cross_partner_attempt_is_recorded_as_refused(
