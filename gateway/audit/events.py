@@ -76,7 +76,8 @@ def _target(path: str) -> str | None:
     return "/".join(parts[:2])
 
 
-def _unversioned(reference: str) -> str:
+def unversioned(reference: str) -> str:
+    """Type/id of Type/id/_history/n."""
     return "/".join(reference.split("/")[:2])
 
 
@@ -151,7 +152,7 @@ class RequestAudit:
         return (recorded, self.event_type, subtype, action_of(subtype),
                 "0" if status is None else outcome_of(status), status, self.client_id,
                 self.organization, self.address, self.request_id, self.method, self.path,
-                self.query, _unversioned(entities[0]) if entities else None,
+                self.query, unversioned(entities[0]) if entities else None,
                 " ".join(entities) or None)
 
 

@@ -20,7 +20,7 @@ from functools import cache
 from typing import Any
 
 from gateway.audit.chain import extend, seal, unchained_exists
-from gateway.audit.events import ROW_COLUMNS, Closed, RequestAudit, Row
+from gateway.audit.events import ROW_COLUMNS, Closed, RequestAudit, Row, unversioned
 from gateway.errors import FhirError
 from gateway.store.database import Database
 from gateway.store.driver import Driver
@@ -60,8 +60,7 @@ def insert_rows(conn: Any, rows: Sequence[Row]) -> None:
         seq = driver.execute(insert_row, row).fetchone()[0]
         names = (row[entities] or "").split()
         if len(names) > 1:
-            driver.execute_many(insert_entity, sorted({("/".join(n.split("/")[:2]), seq)
-                                                       for n in names}))
+            driver.execute_many(insert_entity, sorted({(unversioned(n), seq) for n in names}))
 
 
 class AuditTrail:
