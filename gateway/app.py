@@ -50,11 +50,15 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
         if settings.auth == "off":
             log.warning("%s Set ATM_AUTH=smart and register clients with `atm clients "
                         "add` before any real data goes in.", AUTH_OFF_WARNING)
-        from orchestration.runner import running_beside  # it builds on the services
+        from gateway.subscriptions import worker  # they build on the services
+        from orchestration.runner import running_beside
 
+        if settings.load_topics:
+            _load_shipped_topics(db, settings)
         if settings.load_protocols:
             _load_shipped_protocols(db, settings)
-        with running_trail(db) as app.state.audit, running_beside(db, settings):
+        with running_trail(db) as app.state.audit, running_beside(db, settings), \
+                worker.running_beside(db, settings):
             yield
         observability.ACCESS_LOG.flush()
         db.dispose()
@@ -74,6 +78,21 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
     observability.install(app, settings, lambda inner: _front(app, settings, inner))
     app.openapi = _openapi_with_resource_schema(app)  # type: ignore[method-assign]
     return app
+
+
+def _load_shipped_topics(db: Database, settings: Settings) -> None:
+    from gateway.services.context import Context
+    from gateway.services.subscriptions import load_shipped_topics
+    from gateway.store.repository import Actor
+
+    ctx = Context(db=db, settings=settings, base_url=settings.base_url or "",
+                  actor=Actor(name="atm serve"))
+    try:
+        for topic_id in load_shipped_topics(ctx):
+            log.info("loaded SubscriptionTopic/%s", topic_id)
+    except SQLAlchemyError:
+        log.exception("the shipped subscription topics could not be loaded (is the "
+                      "database up and migrated?)")
 
 
 def _load_shipped_protocols(db: Database, settings: Settings) -> None:

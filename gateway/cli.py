@@ -108,6 +108,46 @@ def orchestrate(poll: float = typer.Option(0.5, help="Seconds between looks at t
 
 
 @app.command()
+def worker(orchestrate: bool = typer.Option(True, help="Advance enrolments too, as "
+                                            "`atm orchestrate` does")) -> None:
+    """Deliver subscription notifications (and advance enrolments) against
+    ATM_DATABASE_URL, beside `atm serve` processes started with ATM_SUBSCRIPTIONS=false
+    and ATM_ORCHESTRATOR=false. Any number of workers share the work. Stops on Ctrl-C
+    or SIGTERM."""
+    import signal
+    import threading
+
+    from gateway.audit.log import running_trail
+    from gateway.settings import get_settings
+    from gateway.store.database import Database, make_engine
+    from gateway.subscriptions.worker import SubscriptionWorker
+    from orchestration.runner import Orchestrator
+
+    settings = get_settings()
+    db = Database(make_engine(settings))
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    threads = []
+    if orchestrate:
+        orchestrator = Orchestrator(db, settings, workers=settings.orchestrator_workers)
+        threads.append(threading.Thread(
+            target=orchestrator.serve, name="atm-orchestrator", daemon=True,
+            args=(stop, settings.orchestrator_poll_seconds, settings.deadline_check_seconds)))
+    also = " and orchestrating enrolments" if orchestrate else ""
+    typer.echo(f"delivering subscription notifications{also} from {_database_name()}")
+    try:
+        with running_trail(db):  # chains the audit rows of delivery attempts
+            for thread in threads:
+                thread.start()
+            SubscriptionWorker(db, settings).serve(stop)
+            for thread in threads:
+                thread.join(timeout=30)
+    finally:
+        db.dispose()
+
+
+@app.command()
 def demo(server: str = typer.Option("http://127.0.0.1:8080/fhir", help="FHIR base URL of "
                                     "a running `atm serve`"),
          patients: int = typer.Option(3, min=1, max=50, help="Synthetic patients, spread "

@@ -24,10 +24,33 @@ FHIR_VERSION = "4.0.1"
 _TABLE = Path(__file__).parent / "r4_definitions.json"
 
 
+# R4B's SubscriptionTopic, served beside the R4 types as the Subscriptions Backport IG
+# allows (https://hl7.org/fhir/uv/subscriptions-backport/STU1.1/): topics are what a
+# Subscription's `criteria` names. Its search parameters are R4B's.
+ADDED_TYPES: dict[str, dict[str, dict[str, Any]]] = {
+    "SubscriptionTopic": {
+        "url": {"expression": "SubscriptionTopic.url", "type": "uri"},
+        "version": {"expression": "SubscriptionTopic.version", "type": "token"},
+        "status": {"expression": "SubscriptionTopic.status", "type": "token"},
+        "title": {"expression": "SubscriptionTopic.title", "type": "string"},
+        "resource": {"expression": "SubscriptionTopic.resourceTrigger.resource",
+                     "type": "uri"},
+        "derived-or-self": {"expression": "SubscriptionTopic.url | "
+                            "SubscriptionTopic.derivedFrom", "type": "uri"},
+    },
+}
+
+
 @cache
 def definitions() -> dict[str, Any]:
-    """Resource types, search parameters and required codes of FHIR R4 (generated table)."""
-    return json.loads(_TABLE.read_text())  # type: ignore[no-any-return]
+    """Resource types, search parameters and required codes of FHIR R4 (generated table),
+    with the types of ADDED_TYPES."""
+    table = json.loads(_TABLE.read_text())
+    for name, params in ADDED_TYPES.items():
+        table["params"][name] = params
+        if name not in table["resourceTypes"]:
+            table["resourceTypes"].append(name)
+    return table  # type: ignore[no-any-return]
 
 
 _ABSTRACT_TYPES = frozenset({"Resource", "DomainResource"})
@@ -39,7 +62,8 @@ def r4_resource_types() -> frozenset[str]:
 
     Only codes of R4's ResourceType value set count: the table also lists R4B's
     SubscriptionStatus, which an R4 client cannot use, and abstract DomainResource."""
-    r4_codes = definitions()["requiredCodes"]["CapabilityStatement.rest.resource.type"]
+    r4_codes = {*definitions()["requiredCodes"]["CapabilityStatement.rest.resource.type"],
+                *ADDED_TYPES}
     return frozenset(n for n in definitions()["resourceTypes"]
                      if n in r4_codes and n not in _ABSTRACT_TYPES and _model(n) is not None)
 

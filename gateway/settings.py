@@ -43,6 +43,30 @@ class Settings(BaseSettings):
     """How soon the orchestrator sees a change when it is idle."""
     deadline_check_seconds: float = 60.0
     """How often every active enrolment is re-evaluated for passed deadlines."""
+    subscriptions: bool = True
+    """Match changes to Subscriptions and deliver their notifications in a thread beside
+    the API (`atm worker` does it in processes of its own)."""
+    load_topics: bool = True
+    """Store the shipped SubscriptionTopics (gateway/subscriptions/topics/*.json) at
+    start-up."""
+    subscription_allowed_hosts: list[str] = []
+    """Hosts rest-hook notifications may be sent to: names (`lims.example.org`),
+    `*.example.org`, `host:port`, IP networks (`10.1.0.0/16`). Empty: none."""
+    subscription_error_after: int = 3
+    """Failed attempts in a row after which a Subscription's status becomes `error`
+    (delivery goes on, backing off; it is `active` again once the endpoint answers)."""
+    subscription_retry_seconds: float = 1.0
+    """The first retry's delay; each further one doubles it, up to the maximum."""
+    subscription_retry_max_seconds: float = 300.0
+    subscription_timeout_seconds: float = 10.0
+    """How long a notification may take when the Subscription sets no backport-timeout."""
+    subscription_max_count: int = 20
+    """Events per notification when the Subscription sets no backport-max-count."""
+    subscription_lease_seconds: float = 60.0
+    """How long a worker holds a subscription it delivers; a worker that dies holding it
+    is replaced by another after this long."""
+    subscription_poll_seconds: float = 0.2
+    """How soon delivery sees a change made by another process."""
     load_protocols: bool = True
     """Load the shipped protocols (orchestration/protocols/*.yaml) at start-up."""
     log_level: str = "INFO"

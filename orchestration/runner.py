@@ -27,7 +27,7 @@ from gateway.services.context import Context
 from gateway.services.protocols import plan_definition_id, protocol_from_store
 from gateway.services.search import match_ids
 from gateway.settings import Settings
-from gateway.store.database import Database
+from gateway.store.database import Database, safe_position
 from gateway.store.repository import Actor, Repository
 from gateway.store.schema import change_log, reactor_cursors
 from orchestration import writes
@@ -106,15 +106,8 @@ class Orchestrator:
         return len(rows)
 
     def _safe_position(self, cursor: int, rows: list[Any]) -> int:
-        """The last seq before a gap: a PostgreSQL transaction still open when later ones
-        committed fills it later (a gap older than `gap_grace` was rolled back)."""
-        position = cursor
         old_enough = int((self.clock() - self.gap_grace).timestamp() * 1_000_000)
-        for row in rows:
-            if row.seq != position + 1 and row.at > old_enough:
-                break
-            position = row.seq
-        return position
+        return safe_position(cursor, rows, old_enough)
 
     def _enrolments_touched(self, changes: list[Any]) -> list[str]:
         """CarePlans to re-evaluate: changed ones, those of changed Tasks (found through
@@ -280,8 +273,9 @@ class Orchestrator:
 
     def _react(self, stop: threading.Event, poll: float, deadlines_every: float) -> None:
         next_deadlines, device = 0.0, False
+        committed = self.db.committed.listen()
         while not stop.is_set():
-            self.db.committed.clear()  # before reading: a commit after it wakes the wait
+            committed.clear()  # before reading: a commit after it wakes the wait
             try:
                 if not device:
                     self.ensure_device()
@@ -295,7 +289,7 @@ class Orchestrator:
                 consumed = 0
                 stop.wait(poll)
             if consumed == 0:
-                self.db.committed.wait(poll)  # idle: the next commit starts a round at once
+                committed.wait(poll)  # idle: the next commit starts a round at once
             elif consumed < self.batch:
                 stop.wait(ROUND_GAP_SECONDS)  # busy: let the next changes gather
 

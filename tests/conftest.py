@@ -97,12 +97,14 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
-    # The orchestrator and the shipped protocols are started by the tests that use them.
+    # The orchestrator, subscription delivery, the shipped protocols and topics are
+    # started by the tests that use them.
     # Most tests exercise FHIR behaviour, not access: authentication is off unless a test
     # turns it on (client_with(settings, auth="smart")).
     return Settings(database_url=database_url, base_url="http://testserver/fhir",
                     max_body_bytes=1_000_000, log_json=False, orchestrator=False,
-                    load_protocols=False, auth="off")
+                    load_protocols=False, subscriptions=False, load_topics=False,
+                    auth="off")
 
 
 @pytest.fixture
@@ -148,7 +150,7 @@ def running_server(database_url: str, **overrides: Any) -> Iterator[str]:
     base = f"http://127.0.0.1:{port}/fhir"
     settings = Settings(database_url=database_url, base_url=base, log_json=False,
                         **{"orchestrator": False, "load_protocols": False, "auth": "off",
-                           **overrides})
+                           "subscriptions": False, "load_topics": False, **overrides})
     config = uvicorn.Config(create_app(settings, migrate=False), host="127.0.0.1", port=port,
                             log_level="warning", loop="asyncio", lifespan="on")
     server = uvicorn.Server(config)

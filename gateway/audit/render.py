@@ -19,6 +19,7 @@ _ENTITY_TYPE = {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-ty
 _PROFILE = {"C": "Create", "R": "Read", "U": "Update", "D": "Delete"}
 _OUTCOME_TEXT = {"0": "Success", "4": "Minor failure", "8": "Serious failure"}
 _LOGIN = {"system": DCM, "code": "110114", "display": "User Authentication"}
+_EXPORT = {"system": DCM, "code": "110106", "display": "Export"}
 _REST = {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
          "display": "Restful Operation"}
 _SERVER = {"type": {"coding": [{"system": DCM, "code": "110152",
@@ -81,6 +82,8 @@ def audit_event(row: Any) -> dict[str, Any]:
         event["type"] = _LOGIN
         event["subtype"] = [{"system": f"{ATM}/CodeSystem/oauth-endpoint",
                              "code": row.subtype}]
+    elif row.event_type == "notify":
+        return _notification(event, row)
     else:
         event["type"] = _REST
         event["subtype"] = [{"system": "http://hl7.org/fhir/restful-interaction",
@@ -95,6 +98,42 @@ def audit_event(row: Any) -> dict[str, Any]:
         agents.append({"type": {"text": "organisation the client acts for"},
                        "who": {"reference": row.organization}, "requestor": False})
     event["agent"] = [*agents, _SERVER]
+    event["source"] = _SOURCE
+    if entities := _entities(row):
+        event["entity"] = entities
+    return event
+
+
+def _notification(event: dict[str, Any], row: Any) -> dict[str, Any]:
+    """A notification this server sent to a subscriber's endpoint: the server is the
+    source, the endpoint the destination, the subscribing client the one it was for."""
+    event["type"] = _EXPORT
+    event["subtype"] = [{"system": f"{ATM}/CodeSystem/subscription-notification",
+                         "code": row.subtype}]
+    event["action"] = row.action
+    event["recorded"] = format_instant(row.recorded)
+    event["outcome"] = row.outcome
+    answer = f"HTTP {row.status}" if row.status is not None else "no answer"
+    event["outcomeDesc"] = _OUTCOME_TEXT[row.outcome] + f" ({row.query or answer})"
+    server = {**_SERVER, "type": {"coding": [{"system": DCM, "code": "110153",
+                                              "display": "Source Role ID"}]},
+              "requestor": True}
+    endpoint: dict[str, Any] = {
+        "type": {"coding": [{"system": DCM, "code": "110152",
+                             "display": "Destination Role ID"}]},
+        "who": {"display": row.path}, "requestor": False}
+    if row.address:
+        endpoint["network"] = {"address": row.address, "type": "1"}  # 1: machine name
+    agents = [server, endpoint]
+    if row.client_id:
+        agents.append({"type": {"text": "subscribing client"}, "requestor": False,
+                       "who": {"identifier": {"system": CLIENT_SYSTEM,
+                                              "value": row.client_id}},
+                       "altId": row.client_id})
+    if row.organization:
+        agents.append({"type": {"text": "organisation the client acts for"},
+                       "who": {"reference": row.organization}, "requestor": False})
+    event["agent"] = agents
     event["source"] = _SOURCE
     if entities := _entities(row):
         event["entity"] = entities

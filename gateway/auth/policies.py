@@ -9,7 +9,9 @@ ALL = "cruds"
 RECORDS = {"Provenance": "crs", "AuditEvent": "rs"}  # every partner signs what it does
 PROTOCOLS = {"PlanDefinition": "rs", "ActivityDefinition": "rs"}
 DIRECTORY = {"Organization": "rs", "Location": "rs", "HealthcareService": "rs",
-             "PractitionerRole": "rs", "Device": "rs"}
+             "PractitionerRole": "rs", "Device": "rs",
+             # Every partner may subscribe to what it may read (gateway/subscriptions).
+             "Subscription": "cruds", "SubscriptionTopic": "rs"}
 
 ROLE_POLICIES: dict[str, dict[str, str]] = {
     "admin": {"*": ALL},
@@ -50,6 +52,9 @@ OWNED_TASKS = [("owner", ORG)]
 FOCUSED_BY_OWN_TASK = [("_has:Task:focus:owner", ORG)]
 PERFORMED = [("performer", ORG)]
 SIGNED = [("agent", ORG)]
+# A Subscription is its organisation's: the server tags it so when it is created.
+SUBSCRIBED = [("_tag", "https://atm-gateway.org/fhir/CodeSystem/subscriber-organization|"
+               + ORG)]
 
 ROLE_INSTANCES: dict[str, dict[str, list[tuple[str, str]]]] = {
     "treatment-centre": {
@@ -57,38 +62,38 @@ ROLE_INSTANCES: dict[str, dict[str, list[tuple[str, str]]]] = {
         "CarePlan": [("subject:Patient.organization", ORG)],
         "ServiceRequest": [("subject:Patient.organization", ORG)],
         "Task": [("patient.organization", ORG)],
-        "AuditEvent": SIGNED},
+        "AuditEvent": SIGNED, "Subscription": SUBSCRIBED},
     "apheresis-centre": {
         "Task": OWNED_TASKS, "Appointment": [("actor", ORG)],
         "Schedule": [("actor", ORG)], "Slot": [("schedule.actor", ORG)],
         "Specimen": FOCUSED_BY_OWN_TASK, "ServiceRequest": PERFORMED,
         "CarePlan": [("_has:Task:based-on:owner", ORG)],
         "Patient": [("_has:Task:patient:owner", ORG)],
-        "Provenance": SIGNED, "AuditEvent": SIGNED},
+        "Provenance": SIGNED, "AuditEvent": SIGNED, "Subscription": SUBSCRIBED},
     "courier": {
         "Task": OWNED_TASKS, "Specimen": FOCUSED_BY_OWN_TASK,
         "BiologicallyDerivedProduct": FOCUSED_BY_OWN_TASK,
-        "Provenance": SIGNED, "AuditEvent": SIGNED},
+        "Provenance": SIGNED, "AuditEvent": SIGNED, "Subscription": SUBSCRIBED},
     "manufacturer": {
         "ServiceRequest": PERFORMED, "Task": OWNED_TASKS, "Specimen": FOCUSED_BY_OWN_TASK,
         "BiologicallyDerivedProduct": FOCUSED_BY_OWN_TASK, "Schedule": [("actor", ORG)],
         "Slot": [("schedule.actor", ORG)], "Appointment": [("actor", ORG)],
         "Observation": PERFORMED, "DiagnosticReport": PERFORMED,
         "Patient": [("_has:ServiceRequest:subject:performer", ORG)],
-        "Provenance": SIGNED, "AuditEvent": SIGNED},
+        "Provenance": SIGNED, "AuditEvent": SIGNED, "Subscription": SUBSCRIBED},
     "lims": {
         "Task": OWNED_TASKS, "ServiceRequest": PERFORMED, "Specimen": FOCUSED_BY_OWN_TASK,
         "Observation": PERFORMED, "DiagnosticReport": PERFORMED,
         "BiologicallyDerivedProduct": FOCUSED_BY_OWN_TASK,
         "Patient": [("_has:ServiceRequest:subject:performer", ORG)],
-        "Provenance": SIGNED, "AuditEvent": SIGNED},
+        "Provenance": SIGNED, "AuditEvent": SIGNED, "Subscription": SUBSCRIBED},
     "payer": {
         "Task": OWNED_TASKS, "Coverage": [("payor", ORG)], "Claim": [("insurer", ORG)],
         "ClaimResponse": [("insurer", ORG)],
         "CarePlan": [("_has:Task:based-on:owner", ORG)],
         "ServiceRequest": [("_has:Task:based-on:owner", ORG)],
         "Patient": [("_has:Coverage:beneficiary:payor", ORG)],
-        "Provenance": SIGNED, "AuditEvent": SIGNED},
+        "Provenance": SIGNED, "AuditEvent": SIGNED, "Subscription": SUBSCRIBED},
 }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -23,7 +24,7 @@ from gateway.errors import (
     UnprocessableError,
     UnsupportedMediaTypeError,
 )
-from gateway.services import access, task_states, visibility
+from gateway.services import access, subscriptions, task_states, visibility
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.resources import (
     body_json,
@@ -41,20 +42,34 @@ JSON_PATCH = "application/json-patch+json"
 # Rules every update of a type must pass against the version it replaces (PUT,
 # conditional update, PATCH, and the same in Bundles); creates pass none.
 UPDATE_RULES: dict[str, Guard] = {"Task": task_states.check_update}
+# Rules every write of a type passes, creates included (current: None), inside the
+# write's transaction; they may refuse it or set what the server decides.
+WriteRule = Callable[[Context, Repository, Version | None, dict[str, Any]], None]
+WRITE_RULES: dict[str, WriteRule] = {"Subscription": subscriptions.prepare_subscription,
+                                     "SubscriptionTopic": subscriptions.prepare_topic}
+
+
+def _prepare_new(ctx: Context, repo: Repository, resource: dict[str, Any]) -> None:
+    """The write rules of a resource that may be created by this write."""
+    if (rule := WRITE_RULES.get(resource["resourceType"])) is not None:
+        rule(ctx, repo, None, resource)
 
 
 def _guard(ctx: Context, repo: Repository, resource_type: str) -> Guard | None:
     """What an update must pass against the version it replaces: the type's rules, and
     for a partner, that it may see that version at all (else it does not exist: 404)."""
-    rule = UPDATE_RULES.get(resource_type)
-    if visibility.criteria(ctx, resource_type) is None:
+    rule, write_rule = UPDATE_RULES.get(resource_type), WRITE_RULES.get(resource_type)
+    partner = visibility.criteria(ctx, resource_type) is not None
+    if not partner and write_rule is None:
         return rule
 
     def guard(current: Version, resource: dict[str, Any]) -> None:
-        if not current.deleted:
+        if partner and not current.deleted:
             visibility.check_visible(ctx, repo, resource_type, current.id)
         if rule is not None:
             rule(current, resource)
+        if write_rule is not None:
+            write_rule(ctx, repo, current, resource)
     return guard
 
 
@@ -119,6 +134,7 @@ def create(ctx: Context, request: FhirRequest, resource_type: str) -> FhirRespon
     resource = valid_resource(body_json(request), resource_type)
     if_none_exist = request.header("if-none-exist")
     with ctx.writing() as repo:
+        _prepare_new(ctx, repo, resource)
         if if_none_exist is None:
             version = _visible_after(ctx, repo, repo.create(resource, request.assigned_id))
             return written(ctx, request, version, 201, f"Created {version.reference}")
@@ -204,6 +220,7 @@ def update(ctx: Context, request: FhirRequest, resource_type: str,
     resource = valid_resource(body_json(request), resource_type, resource_id)
     expected = parse_etag(request.header("if-match"))
     with ctx.writing() as repo:
+        _prepare_new(ctx, repo, resource)
         version, created = repo.update(resource, resource_id, expected_version=expected,
                                        guard=_guard(ctx, repo, resource_type))
         _visible_after(ctx, repo, version, created)
@@ -223,6 +240,7 @@ def conditional_update(ctx: Context, request: FhirRequest, resource_type: str) -
         if not ids:
             body_id = data.get("id") if isinstance(data, dict) else None
             resource = valid_resource(data, resource_type, body_id)
+            _prepare_new(ctx, repo, resource)
             if body_id is None:
                 version, created = repo.create(resource, request.assigned_id), True
             else:

@@ -1,4 +1,5 @@
-"""Operations ($name): `$validate` at type and instance level, `PlanDefinition/{id}/$apply`.
+"""Operations ($name): `$validate` at type and instance level, `PlanDefinition/{id}/$apply`,
+and the Subscription operations of gateway/services/subscriptions.py.
 
 https://hl7.org/fhir/R4/resource-operation-validate.html
 """
@@ -9,10 +10,14 @@ from typing import Any
 
 from gateway import fhir, jsonio
 from gateway.errors import InvalidError, Issue, NotFoundError, operation_outcome
+from gateway.services import subscriptions
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.resources import body_json
 
 VALIDATE_MODES = {"create", "update", "delete"}
+SUBSCRIPTION_OPERATIONS = {"status": subscriptions.op_status,
+                           "events": subscriptions.op_events,
+                           "get-ws-binding-token": subscriptions.op_ws_token}
 
 
 def _unknown(name: str) -> NotFoundError:
@@ -27,6 +32,8 @@ def type_operation(ctx: Context, request: FhirRequest, resource_type: str,
                    name: str) -> FhirResponse:
     if name == "validate":
         return validate(ctx, request, resource_type, None)
+    if name == "status" and resource_type == "Subscription":
+        return subscriptions.op_status(ctx, request, None)
     raise _unknown(name)
 
 
@@ -38,6 +45,8 @@ def instance_operation(ctx: Context, request: FhirRequest, resource_type: str,
         from gateway.services.protocols import op_apply  # the orchestration engine's view
 
         return op_apply(ctx, request, resource_id)
+    if resource_type == "Subscription" and name in SUBSCRIPTION_OPERATIONS:
+        return SUBSCRIPTION_OPERATIONS[name](ctx, request, resource_id)
     raise _unknown(name)
 
 

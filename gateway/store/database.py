@@ -95,6 +95,36 @@ def is_transient(exc: BaseException) -> bool:
         TRANSIENT_SQLSTATES)
 
 
+def safe_position(cursor: int, rows: list[Any], old_enough: int) -> int:
+    """How far a reactor may move its cursor over these change-log rows (in seq order):
+    to the last seq before a gap. A PostgreSQL transaction still open when later ones
+    committed fills its gap later; a gap whose next row is older than `old_enough` (µs)
+    was rolled back and is passed."""
+    position = cursor
+    for row in rows:
+        if row.seq != position + 1 and row.at > old_enough:
+            break
+        position = row.seq
+    return position
+
+
+class CommitSignal:
+    """Set after each commit that asked to notify: wakes every reactor that listens
+    (the orchestrator, subscription matching), each through an Event of its own."""
+
+    def __init__(self) -> None:
+        self._listeners: list[threading.Event] = []
+
+    def listen(self) -> threading.Event:
+        event = threading.Event()
+        self._listeners.append(event)
+        return event
+
+    def set(self) -> None:
+        for listener in self._listeners:
+            listener.set()
+
+
 class CommitFailedError(RuntimeError):
     """The shared COMMIT of a group failed: none of its writers' work was stored."""
 
@@ -134,7 +164,7 @@ _LOOP_GROUP: ContextVar[_LoopGroup | None] = ContextVar("atm_loop_group", defaul
 class _GroupCommitter:
     """Runs SQLite writers one at a time on one connection and commits them in groups."""
 
-    def __init__(self, engine: Engine, committed: threading.Event) -> None:
+    def __init__(self, engine: Engine, committed: CommitSignal) -> None:
         self._engine = engine
         self._committed = committed
         self._cond = threading.Condition()
@@ -336,9 +366,10 @@ class Database:
         self.is_sqlite = engine.dialect.name == "sqlite"
         self._local = threading.local()
         self._point_conns: list[Any] = []  # every thread's point-read connection, to close
-        self.committed = threading.Event()
-        """Set after each commit of a write: reactors to the change log (the orchestrator)
-        wait on it instead of polling, and clear it before they read."""
+        self.committed = CommitSignal()
+        """Signals each commit of a write: reactors to the change log (the orchestrator,
+        subscription matching) wait on their own listener instead of polling, and clear
+        it before they read."""
         self._writer = _GroupCommitter(engine, self.committed) if self.is_sqlite else None
         self._checkpointer = (_Checkpointer(engine, self._writer)
                               if self._writer is not None else None)

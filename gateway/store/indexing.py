@@ -80,6 +80,15 @@ def _references(value: Any) -> Iterator[tuple[str | None, str | None, str | None
         yield None, None, ref
 
 
+def references_in(values: list[Value]) -> Iterator[tuple[str, str]]:
+    """(type, id) of the local references among extracted values (absolute URLs and
+    contained references left out)."""
+    for v in values:
+        for target_type, target_id, url in _references(v.value):
+            if target_type and target_id and url is None:
+                yield target_type, target_id
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
         return None

@@ -159,6 +159,50 @@ audit_chain = Table(
     Column("hash", String(64), nullable=False),
 )
 
+# Subscriptions (gateway/subscriptions): each one's delivery state, one row per
+# Subscription, written by the matcher and the delivery workers only.
+subscriptions = Table(
+    "subscriptions", metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("version", Integer, nullable=False),  # of the Subscription this row follows
+    Column("topic", Text, nullable=False),
+    Column("channel", String(16), nullable=False),  # rest-hook | websocket
+    Column("status", String(16), nullable=False),  # requested | active | error | off
+    Column("client_id", String(ID), nullable=True),  # who subscribed (None: auth off)
+    Column("organization", String(TOKEN), nullable=True),
+    Column("events", BigInteger, nullable=False),  # events since subscription start
+    Column("delivered", BigInteger, nullable=False),  # the last event number acknowledged
+    Column("handshake", Boolean, nullable=False),  # done, for this activation
+    Column("failures", Integer, nullable=False),  # attempts failed in a row
+    Column("next_attempt", BigInteger, nullable=False),  # not before (µs)
+    Column("last_sent", BigInteger, nullable=False),  # µs; heartbeats count from it
+    Column("heartbeat_due", BigInteger, nullable=True),  # µs; None: no heartbeats
+    Column("lease_owner", String(64), nullable=True),  # the worker delivering now
+    Column("lease_until", BigInteger, nullable=False),
+    Column("last_error", Text, nullable=True),
+    Index("ix_subscriptions_due", "status", "next_attempt"),
+)
+
+# Each subscription's events, numbered 1, 2, 3… without gaps, kept for $events.
+subscription_events = Table(
+    "subscription_events", metadata,
+    Column("subscription_id", String(ID), primary_key=True),
+    Column("number", BigInteger, primary_key=True),
+    Column("change_seq", BigInteger, nullable=False),
+    *_key_columns(),
+    Column("version", Integer, nullable=False),
+    Column("interaction", String(16), nullable=False),
+    Column("at", BigInteger, nullable=False),
+)
+
+# Websocket binding tokens ($get-ws-binding-token), by the SHA-256 of their value.
+subscription_ws_tokens = Table(
+    "subscription_ws_tokens", metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("subscription_id", String(ID), nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+)
+
 conditional_keys = Table(
     "conditional_keys", metadata,
     Column("res_type", String(TYPE), nullable=False, primary_key=True),
