@@ -12,12 +12,14 @@ from typing import Any
 
 from gateway import __version__, jsonio
 from gateway.auth.tokens import auth_urls
-from gateway.fhir import FHIR_VERSION, r4_resource_types
+from gateway.fhir import ADDED_TYPES, FHIR_VERSION, r4_resource_types
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.store.search_params import TABLE_PARAMS, params_for
 
 SP_BASE = "http://hl7.org/fhir/SearchParameter"
 ATM = "https://atm-gateway.org/fhir"
+BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
+BACKPORT_OPERATIONS = "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/"
 TYPE_INTERACTIONS = ["read", "vread", "update", "patch", "delete", "history-instance",
                      "history-type", "create", "search-type"]
 STARTED = datetime.now(UTC).date().isoformat()
@@ -85,6 +87,26 @@ def _audit_event() -> dict[str, Any]:
     }
 
 
+def _subscription() -> dict[str, Any]:
+    """Subscription as the Subscriptions Backport IG asks a server to say: the topics it
+    ships (users may add their own: GET SubscriptionTopic) and the operations."""
+    from gateway.subscriptions.topics import shipped_topics  # data files, read once
+
+    resource = _resource("Subscription")
+    resource["documentation"] = (
+        "Topic-based Subscriptions (Subscriptions Backport IG): criteria is a topic's "
+        "canonical URL. The topics are SubscriptionTopic resources (R4B's), served at "
+        "[base]/SubscriptionTopic; rest-hook and websocket channels; payloads empty, "
+        "id-only and full-resource.")
+    resource["extension"] = [
+        {"url": f"{BACKPORT}capabilitystatement-subscriptiontopic-canonical",
+         "valueCanonical": topic["url"]} for topic in shipped_topics()]
+    resource["operation"] += [
+        {"name": name, "definition": f"{BACKPORT_OPERATIONS}backport-subscription-{name}"}
+        for name in ("status", "events", "get-ws-binding-token")]
+    return resource
+
+
 AUTH_OFF_WARNING = ("ATM_AUTH=off: this server asks no one who they are, and anyone "
                     "can read and change everything. For local exploration only.")
 
@@ -120,8 +142,11 @@ def capability_statement(base_url: str, software_date: str, auth_on: bool = True
         "patchFormat": ["application/json-patch+json"],
         "rest": [{
             "mode": "server",
-            "resource": [_audit_event() if t == "AuditEvent" else _resource(t)
-                         for t in sorted(r4_resource_types())],
+            "resource": [_audit_event() if t == "AuditEvent" else
+                         _subscription() if t == "Subscription" else _resource(t)
+                         # R4's ResourceType value set has no SubscriptionTopic: it is
+                         # served, and told of in Subscription's documentation.
+                         for t in sorted(r4_resource_types() - ADDED_TYPES.keys())],
             "interaction": [{"code": c} for c in ("transaction", "batch", "search-system",
                                                   "history-system")],
             "searchParam": [{"name": n, "type": "special" if n == "_has" else "string"}

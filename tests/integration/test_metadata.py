@@ -142,3 +142,16 @@ def test_metadata_rejects_post_with_405_outcome(client: TestClient) -> None:
     assert outcome["resourceType"] == "OperationOutcome"
     assert [(i["severity"], i["code"]) for i in outcome["issue"]] == [("error", "not-supported")]
     assert "POST" in outcome["issue"][0]["diagnostics"]
+
+
+def test_metadata_lists_subscription_topics_and_operations(statement: dict[str, Any]) -> None:
+    """The Subscriptions Backport IG's discovery: Subscription names the shipped topics
+    and the operations. SubscriptionTopic is served (R4B's) but is no R4 resource type, so
+    an R4 CapabilityStatement tells of it in Subscription's documentation only."""
+    subscription = by_type(statement)["Subscription"]
+    assert "[base]/SubscriptionTopic" in subscription["documentation"]
+    topics = {e["valueCanonical"] for e in subscription["extension"]}
+    assert "https://atm-gateway.org/fhir/SubscriptionTopic/task-status" in topics
+    assert len(topics) >= 6
+    assert {"status", "events", "get-ws-binding-token"} <= {
+        o["name"] for o in subscription["operation"]}
