@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     """Match changes to Subscriptions and deliver their notifications in a thread beside
     the API (`atm worker` does it in processes of its own)."""
     load_topics: bool = True
-    """Store the shipped SubscriptionTopics (gateway/subscriptions/topics/*.json) at
+    """Store the shipped SubscriptionTopics (gateway/subscriptions/shipped_topics/*.json) at
     start-up."""
     subscription_allowed_hosts: list[str] = []
     """Hosts rest-hook notifications may be sent to: names (`lims.example.org`),

@@ -49,10 +49,18 @@ WRITE_RULES: dict[str, WriteRule] = {"Subscription": subscriptions.prepare_subsc
                                      "SubscriptionTopic": subscriptions.prepare_topic}
 
 
-def _prepare_new(ctx: Context, repo: Repository, resource: dict[str, Any]) -> None:
-    """The write rules of a resource that may be created by this write."""
-    if (rule := WRITE_RULES.get(resource["resourceType"])) is not None:
-        rule(ctx, repo, None, resource)
+def _prepare_new(ctx: Context, repo: Repository, resource: dict[str, Any],
+                 resource_id: str | None = None) -> None:
+    """The write rules of a resource this write creates: a POST, or a PUT to an id that
+    is not there (an update meets its rules in its guard, against what it replaces)."""
+    rule = WRITE_RULES.get(resource["resourceType"])
+    if rule is None:
+        return
+    if resource_id is not None:
+        current = repo.read(resource["resourceType"], resource_id)
+        if current is not None and not current.deleted:
+            return
+    rule(ctx, repo, None, resource)
 
 
 def _guard(ctx: Context, repo: Repository, resource_type: str) -> Guard | None:
@@ -220,7 +228,7 @@ def update(ctx: Context, request: FhirRequest, resource_type: str,
     resource = valid_resource(body_json(request), resource_type, resource_id)
     expected = parse_etag(request.header("if-match"))
     with ctx.writing() as repo:
-        _prepare_new(ctx, repo, resource)
+        _prepare_new(ctx, repo, resource, resource_id)
         version, created = repo.update(resource, resource_id, expected_version=expected,
                                        guard=_guard(ctx, repo, resource_type))
         _visible_after(ctx, repo, version, created)
@@ -240,7 +248,7 @@ def conditional_update(ctx: Context, request: FhirRequest, resource_type: str) -
         if not ids:
             body_id = data.get("id") if isinstance(data, dict) else None
             resource = valid_resource(data, resource_type, body_id)
-            _prepare_new(ctx, repo, resource)
+            _prepare_new(ctx, repo, resource, body_id)
             if body_id is None:
                 version, created = repo.create(resource, request.assigned_id), True
             else:

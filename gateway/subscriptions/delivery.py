@@ -133,9 +133,16 @@ class Deliverer:
         return ids
 
     def release_all(self) -> None:
-        with self.db.write(notify=False) as conn:
-            conn.execute(update(subscriptions).where(subscriptions.c.lease_owner == self.worker)
-                         .values(lease_owner=None, lease_until=0))
+        """Hand back what this worker holds, so another need not wait for the leases to
+        run out (if the database is away, they do run out)."""
+        try:
+            with self.db.write(notify=False) as conn:
+                conn.execute(update(subscriptions)
+                             .where(subscriptions.c.lease_owner == self.worker)
+                             .values(lease_owner=None, lease_until=0))
+        except Exception:  # noqa: BLE001 - stopping anyway
+            log.warning("could not release this worker's subscriptions; their leases "
+                        "will expire", exc_info=True)
 
     def _held(self, conn: Connection, subscription_id: str) -> Any:
         stmt = select(subscriptions).where(subscriptions.c.id == subscription_id,
@@ -177,7 +184,7 @@ class Deliverer:
             subscription = current.resource() if current and not current.deleted else None
             spec = _spec(subscription, self.settings)
             kind, numbers = self._due(row, now, spec.max_count if spec else 1)
-            if kind is None or row.status not in LIVE or spec is None:
+            if kind is None or row.status not in LIVE or spec is None or subscription is None:
                 self._release(conn, subscription_id)
                 return None
             if spec.channel == "websocket" and kind != "handshake":
@@ -276,7 +283,7 @@ class Deliverer:
                               last_error=outcome.error)
             if status != row.status:
                 _set_status(conn, subscription_id, status)
-            insert_rows(conn, [self._audit_row(now, subscription_id, step, outcome)])
+            insert_rows(conn, [audit_row(now, subscription_id, step, outcome)])
         return outcome.ok
 
     def _backoff(self, failures: int) -> int:
@@ -285,16 +292,16 @@ class Deliverer:
                       base * 2 ** min(failures - 1, 30))
         return int(seconds * random.uniform(0.9, 1.0) * 1_000_000)  # noqa: S311 - jitter
 
-    @staticmethod
-    def _audit_row(now: int, subscription_id: str, step: Step,
-                   outcome: Outcome) -> tuple[Any, ...]:
-        """A ROW_COLUMNS row: the server sent a notification (DICOM Export)."""
-        endpoint = step.spec.endpoint or ""
-        parts = urlsplit(endpoint)
-        where = f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.scheme else "websocket"
-        return (now, "notify", step.kind, "E", "0" if outcome.ok else "8", outcome.status,
-                step.client_id, step.organization, parts.hostname, None, "POST", where,
-                outcome.error, f"Subscription/{subscription_id}", " ".join(step.entities))
+
+def audit_row(now: int, subscription_id: str, step: Step, outcome: Outcome) -> tuple[Any, ...]:
+    """A ROW_COLUMNS row: the server sent a notification (DICOM Export), to a rest-hook
+    endpoint or over a websocket (gateway/subscriptions/websocket.py)."""
+    endpoint = step.spec.endpoint or ""
+    parts = urlsplit(endpoint)
+    where = f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.scheme else "websocket"
+    return (now, "notify", step.kind, "E", "0" if outcome.ok else "8", outcome.status,
+            step.client_id, step.organization, parts.hostname, None, "POST", where,
+            outcome.error, f"Subscription/{subscription_id}", " ".join(step.entities))
 
 
 def _spec(subscription: dict[str, Any] | None, settings: Settings) -> Spec | None:

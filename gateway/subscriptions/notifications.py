@@ -72,11 +72,9 @@ class Reader:
         if not role_allows(role, resource_type, "r") or not any(
                 scope.covers(resource_type, "r") for scope in self.grant.scope_list):
             return False
-        return visibility.visible(ctx.within(repo.conn), repo, resource_type, resource_id)
-
-    def context(self, ctx: Context) -> Context:
-        return Context(db=ctx.db, settings=ctx.settings, base_url=ctx.base_url,
-                       grant=self.grant, conn=ctx.conn)
+        as_reader = Context(db=ctx.db, settings=ctx.settings, base_url=ctx.base_url,
+                            grant=self.grant, conn=repo.conn)
+        return visibility.visible(as_reader, repo, resource_type, resource_id)
 
 
 def _url(base_url: str, path: str) -> str:
@@ -144,12 +142,12 @@ def notification(repo: Repository, ctx: Context, subscription: dict[str, Any], r
             focus = f"{event.res_type}/{event.res_id}"
             described_event["focus"] = _url(base, f"{focus}/_history/{event.version}")
             version = repo.vread(event.res_type, event.res_id, event.version)
-            method, status = _METHOD.get(event.interaction, ("PUT", "200"))
+            method, answer = _METHOD.get(event.interaction, ("PUT", "200"))
             entry: dict[str, Any] = {
                 **_full_url(base, focus),
                 "request": {"method": method, "url": focus if method != "POST"
                             else event.res_type},
-                "response": {"status": status, "etag": f'W/"{event.version}"'}}
+                "response": {"status": answer, "etag": f'W/"{event.version}"'}}
             resource = version.resource() if version is not None and not version.deleted \
                 else None
             if content == "full-resource" and resource is not None:
@@ -163,7 +161,7 @@ def notification(repo: Repository, ctx: Context, subscription: dict[str, Any], r
             entries += _context_entries(repo, base, context, content)
         described.append(described_event)
     status = status_parameters(base, subscription, row, kind, described)
-    first = {"fullUrl": f"urn:uuid:{status['id']}", "resource": status,
+    first: dict[str, Any] = {"fullUrl": f"urn:uuid:{status['id']}", "resource": status,
              "request": {"method": "GET",
                          "url": f"Subscription/{subscription['id']}/$status"},
              "response": {"status": "200"}}

@@ -6,7 +6,7 @@ over `%previous` and `%current`), which filters a Subscription may add (`canFilt
 and what a notification carries beside the changed resource (`notificationShape`).
 https://hl7.org/fhir/R4B/subscriptiontopic.html
 
-Topics are data: the shipped ones (topics/*.json) are stored at start-up, and a user may
+Topics are data: the shipped ones (shipped_topics/*.json) are stored at start-up, and a user may
 add their own with a POST; a topic that cannot be compiled is refused when written.
 """
 
@@ -26,8 +26,9 @@ from gateway import fhir
 from gateway.errors import InvalidError, Issue, UnprocessableError
 from gateway.store import search_query as sq
 from gateway.store.search_params import params_for
+from mappings.fhirpath_syntax import syntax_error
 
-SHIPPED = Path(__file__).parent / "topics"
+SHIPPED = Path(__file__).parent / "shipped_topics"
 STRUCTURE = "http://hl7.org/fhir/StructureDefinition/"
 INTERACTIONS = frozenset({"create", "update", "delete"})
 
@@ -108,10 +109,8 @@ def compiled_fhirpath(expression: str) -> Any:
 def _fhirpath(raw: Any, where: str) -> str | None:
     if raw is None:
         return None
-    try:
-        compiled_fhirpath(str(raw))
-    except Exception as exc:  # noqa: BLE001 - fhirpathpy raises many types
-        raise _error(f"FHIRPath {raw!r} does not parse: {exc}", where) from exc
+    if (problem := syntax_error(str(raw))) is not None:
+        raise _error(f"FHIRPath {raw!r} does not parse: {problem}", where)
     return str(raw)
 
 

@@ -1,0 +1,1 @@
+"""Topic-based Subscriptions: topics, matching the change log, delivering notifications."""
