@@ -14,7 +14,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp
 
 from gateway import __version__, fhir
-from gateway.api import auth_routes, errors, fhir_routes, observability, ops
+from gateway.api import auth_routes, errors, fhir_routes, observability, ops, subscription_ws
 from gateway.api.fhir_app import FhirEndpoint
 from gateway.audit.log import running_trail
 from gateway.services.capability import AUTH_OFF_WARNING
@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
     app.include_router(auth_routes.router)  # before /fhir/{type}/{id} can claim .well-known
     fhir_routes.register(app)
     app.include_router(ops.router)
+    app.include_router(subscription_ws.router)  # /fhir/$subscription-ws
     app.add_middleware(GZipMiddleware, minimum_size=1024)
     observability.install(app, settings, lambda inner: _front(app, settings, inner))
     app.openapi = _openapi_with_resource_schema(app)  # type: ignore[method-assign]

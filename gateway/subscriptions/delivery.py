@@ -263,6 +263,10 @@ class Deliverer:
             row = self._held(conn, subscription_id)
             if row is None:
                 return False  # the lease ran out and another worker took over
+            if row.status not in LIVE:  # turned off while this was sent: it stays off
+                self._release(conn, subscription_id)
+                insert_rows(conn, [audit_row(now, subscription_id, step, outcome)])
+                return False
             if outcome.ok:
                 heartbeat = step.spec.heartbeat
                 values: dict[str, Any] = {

@@ -87,7 +87,7 @@ class Matcher:
                 return len(rows), 0  # another matcher moved it meanwhile: its round counts
             made = self._store(conn, live, changed)
             self._move_cursor(conn, position)
-        if made:  # websocket streams of this process wait on `committed` for new events
+        if changed:  # websocket streams here wait on `committed` for their Subscriptions
             self.db.committed.set()
         return len(rows), made
 
