@@ -1,11 +1,13 @@
 """Measure the gateway against bare endpoints on this machine.
 
 `python -m bench.run [--backend sqlite|postgres] [--tasks 100000] [--duration 10]
-[--quick]`: starts `atm serve` (uvloop + httptools, one worker) on a fresh database and
-two baselines under the same settings (a bare FastAPI endpoint, which the targets refer
-to, and a raw ASGI callable, the ceiling of the server itself), loads Tasks through
-100-entry transactions, then drives each scenario from a separate load-generator
-process. Prints a table and writes JSON to bench/results/.
+[--quick] [--only NAME,...]`: starts `atm serve` (uvloop + httptools, one worker) on a
+fresh database and two baselines under the same settings (a bare FastAPI endpoint, which
+the targets refer to, and a raw ASGI callable, the ceiling of the server itself), loads
+Tasks through 100-entry transactions, then drives each scenario from a separate
+load-generator process, the orchestrator's journeys (bench.journeys) and Subscription
+notifications to 10 receivers (bench.notify). Prints a table and writes JSON to
+bench/results/.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ SCENARIOS = [
     Scenario("transaction", "transaction, 100 entries", "POST", max_connections=4),
 ]
 SCENARIO_BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
+JOURNEYS, NOTIFICATIONS = "journeys", "notifications"
+"""The parts of a run besides SCENARIOS, by their --only names (both run after them)."""
+PARTS = [*SCENARIO_BY_NAME, JOURNEYS, NOTIFICATIONS]
 # Targets for SQLite on one worker: share of the bare FastAPI endpoint's req/s, and search
 # latency at 100k Tasks.
 MIN_RATIO = {"create": 0.20, "read": 0.50}
@@ -83,6 +88,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--enrolments", type=int, help="enrolments driven to completion "
                         "through the orchestrator (default 1000; --quick: 50)")
+    parser.add_argument("--subscribers", type=int, default=10,
+                        help="receivers of the notifications scenario (default 10)")
+    parser.add_argument("--notify-events", type=int,
+                        help="Tasks created in the notifications scenario, each an event "
+                             "for every subscriber (default 2000; --quick: 200)")
+    parser.add_argument("--notify-filter", action="store_true",
+                        help="subscribe with a filter (Task?owner=…), as partners would; the "
+                             "server then tests it on every Task change per Subscription")
+    parser.add_argument("--only", type=_names, default=None, metavar="NAME,...",
+                        help="run only these parts (Tasks are loaded all the same): "
+                             f"{', '.join(PARTS)}; a target's baselines are measured beside "
+                             "it, other ratios need their baseline named too (e.g. "
+                             "fastapi-post,notifications)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: small and short")
     parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--no-pin", action="store_true",
@@ -91,11 +109,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.tasks = args.tasks or (2000 if args.quick else 100_000)
     args.duration = args.duration or (3.0 if args.quick else 10.0)
     args.enrolments = args.enrolments or (50 if args.quick else 1000)
+    args.notify_events = args.notify_events or (200 if args.quick else 2000)
+    args.only = args.only or list(PARTS)
     if args.backend is None:
         args.backend = "postgres" if args.postgres_url else "sqlite"
     if args.backend == "postgres" and not args.postgres_url:
         parser.error("--backend postgres needs --postgres-url or ATM_BENCH_POSTGRES_URL")
     return args
+
+
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PARTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or 'nothing'}: "
+                                         f"choose from {', '.join(PARTS)}")
+    return [name for name in PARTS if name in names]  # in the run's own order
 
 
 # -- processes ------------------------------------------------------------------------
@@ -184,6 +213,25 @@ def run_journeys(port: int, args: argparse.Namespace, cpu: int | None, workdir: 
             raise RuntimeError(f"the journeys failed:\n{done.stderr}")
         results[name] = json.loads(done.stdout)
     return results
+
+
+def run_notifications(port: int, args: argparse.Namespace, cpu: int | None, workdir: Path,
+                      client: BenchClient) -> dict[str, Any]:
+    """Subscription notifications (bench.notify): `--subscribers` receivers on topic
+    task-status; a tenth of `--notify-events` Tasks created one at a time (latency with
+    no queue), then `--notify-events` Tasks with the usual connections (a burst)."""
+    spec = {"base_url": f"http://127.0.0.1:{port}/fhir", "subscribers": args.subscribers,
+            "events": args.notify_events, "light": max(1, args.notify_events // 10),
+            "concurrency": args.connections, "filter": args.notify_filter, "cpu": cpu,
+            "credentials": client.credentials.to_json()}
+    path = workdir / "spec-notifications.json"
+    path.write_text(json.dumps(spec))
+    done = subprocess.run([sys.executable, "-m", "bench.notify", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"the notifications scenario failed:\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
 
 
 class BenchClient:
@@ -317,9 +365,13 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         ports["gateway"] = gateway_port = free_port()
         # As deployed (authentication and the audit trail on), without the per-client
         # rate limit: the benchmark's one client is meant to go as fast as it can.
+        # Notifications go to the benchmark's receivers on this machine; matching and
+        # delivery run beside the API, as `atm serve` does by default.
         env = {**os.environ, "ATM_DATABASE_URL": database.url, "ATM_AUTH": "smart",
                "ATM_RATE_LIMIT_PER_SECOND": "0",
-               "ATM_BASE_URL": f"http://127.0.0.1:{gateway_port}/fhir"}
+               "ATM_BASE_URL": f"http://127.0.0.1:{gateway_port}/fhir",
+               "ATM_SUBSCRIPTIONS": "true", "ATM_LOAD_TOPICS": "true",
+               "ATM_SUBSCRIPTION_ALLOWED_HOSTS": '["127.0.0.1"]'}
         servers.append(Server("gateway", [sys.executable, "-m", "gateway.cli", "serve",
                                           "--host", "127.0.0.1", "--port", str(gateway_port)],
                               gateway_port, workdir, env, "/healthz", server_cpu))
@@ -341,6 +393,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             return result
 
         for scenario in SCENARIOS:
+            if scenario.name not in args.only:
+                continue
             if scenario.name not in MIN_RATIO:
                 results[scenario.name] = drive(scenario, args.duration)
                 continue
@@ -352,9 +406,16 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             results[scenario.name] = drive(scenario, args.duration)
             after = drive(baseline, args.duration / 2)
             results[scenario.name]["adjacent_baseline_rps"] = [before["rps"], after["rps"]]
-        journeys = run_journeys(gateway_port, args, client_cpu, workdir, client)
-        return {"load": loaded, "scenarios": results, "journeys": journeys,
-                "pinned": {"server_cpu": server_cpu, "client_cpu": client_cpu}}
+        measured = {"load": loaded, "scenarios": results,
+                    "pinned": {"server_cpu": server_cpu, "client_cpu": client_cpu}}
+        if JOURNEYS in args.only:
+            measured["journeys"] = run_journeys(gateway_port, args, client_cpu, workdir,
+                                                client)
+        # Last: its Subscriptions (deleted at its end) see no other scenario's writes.
+        if NOTIFICATIONS in args.only:
+            measured["notifications"] = run_notifications(gateway_port, args, client_cpu,
+                                                           workdir, client)
+        return measured
     except Exception:
         for server in servers:
             sys.stderr.write(f"--- {server.name} log ---\n{server.tail()}\n")
@@ -368,11 +429,13 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 def verdicts(results: dict[str, Any], tasks: int) -> dict[str, str]:
     out = {}
     for name, minimum in MIN_RATIO.items():
-        ratio = results[name].get("ratio")
+        ratio = results[name].get("ratio") if name in results else None
         if ratio is not None:
             ok = ratio >= minimum
             out[name] = (f">= {minimum:.0%} of {BASELINES[TARGET_BASELINE]}: {ratio:.1%} "
                          f"{'ok' if ok else 'MISSED'}")
+    if "search-1" not in results:
+        return out
     p99 = results["search-1"]["p99_ms"]
     scale = "" if tasks >= 100_000 else f" (only {tasks} Tasks)"
     ok = p99 is not None and p99 < MAX_SEARCH_P99_MS
@@ -383,11 +446,11 @@ def verdicts(results: dict[str, Any], tasks: int) -> dict[str, str]:
 def add_ratios(results: dict[str, Any]) -> None:
     """`ratio` against the target's baseline, `ratio_<name>` against each baseline."""
     for scenario in SCENARIOS:
-        if scenario.method is None:
+        if scenario.method is None or scenario.name not in results:
             continue
         row = results[scenario.name]
         for name in BASELINES:
-            base = results[f"{name}-{scenario.method.lower()}"]["rps"]
+            base = results.get(f"{name}-{scenario.method.lower()}", {}).get("rps")
             row[f"ratio_{name}"] = round(row["rps"] / base, 4) if base else None
         row["ratio"] = row[f"ratio_{TARGET_BASELINE}"]
         adjacent = row.get("adjacent_baseline_rps")
@@ -406,6 +469,8 @@ def table(report: dict[str, Any]) -> str:
              f"{'scenario':<36}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
              + "".join(f"{'vs ' + name:>12}" for name in BASELINES) + "  target"]
     for scenario in SCENARIOS:
+        if scenario.name not in results:
+            continue
         row = results[scenario.name]
         ratios = "".join(f"{_share(row.get(f'ratio_{name}')):>12}" for name in BASELINES)
         label = scenario.label
@@ -415,7 +480,89 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"{label:<36}{row['rps']:>10,.1f}{_ms(row['p50_ms'])}"
                      f"{_ms(row['p99_ms'])}{row['errors']:>8}{ratios}  "
                      f"{targets.get(scenario.name, '')}".rstrip())
-    return "\n".join([*lines, "", journeys_line(report)])
+    if "notifications" in report:
+        lines += notification_rows(report)
+    tail = [journeys_line(report)] if "journeys" in report else []
+    if "notifications" in report:
+        tail.append(notifications_line(report))
+    return "\n".join([*lines, *(["", *tail] if tail else [])])
+
+
+def add_notification_ratios(report: dict[str, Any]) -> None:
+    """The burst's Task creates against each POST baseline (as the create row is) and
+    against plain Task creates in this run (`ratio_create`): what the subscribers cost
+    writers. Events have no baseline counterpart; their pace is taken against the
+    writes instead (`pace`: 1.0 when the last event arrives as the last write ends)."""
+    notifications = report.get("notifications")
+    if notifications is None:
+        return
+    results, writes = report["scenarios"], notifications["writes"]
+    for name in BASELINES:
+        base = results.get(f"{name}-post", {}).get("rps")
+        writes[f"ratio_{name}"] = round(writes["rps"] / base, 4) if base else None
+    creates = results.get("create", {}).get("rps")
+    writes["ratio_create"] = round(writes["rps"] / creates, 4) if creates else None
+    delivery = notifications["delivery"]
+    delivery["pace"] = (round(writes["seconds"] / delivery["seconds"], 4)
+                        if delivery["seconds"] > 0 else None)
+
+
+def notification_rows(report: dict[str, Any]) -> list[str]:
+    """Rows in the scenarios' columns. The burst's writes: ratios to the POST baselines,
+    as the create row; `target` shows their share of plain creates. The events, of the
+    burst and of one write at a time: events/s across subscribers; p50/p99 from commit
+    to receipt; errors are events missing, duplicated or unexpected; no baseline (n/a)."""
+    notifications = report["notifications"]
+    writes, check = notifications["writes"], notifications["check"]
+    subscribers, connections = notifications["subscribers"], notifications["concurrency"]
+    conns = f" ({connections} conns)" if connections != report["connections"] else ""
+    ratios = "".join(f"{_share(writes.get(f'ratio_{name}')):>12}" for name in BASELINES)
+    creates = writes.get("ratio_create")
+    versus = f"{_share(creates)} of create Task req/s" if creates is not None else ""
+    label = f"notify: create Task, {subscribers} subs{conns}"
+    rows = [f"{label:<36}{writes['rps']:>10,.1f}{_ms(writes['p50_ms'])}"
+            f"{_ms(writes['p99_ms'])}{writes['errors']:>8}{ratios}  {versus}".rstrip()]
+    errors = check["missing"] + check["duplicates"] + check["unexpected"]
+    total = check["events_per_subscriber"] * subscribers
+    verdict = (f"all {total:,} events, each once" if check["complete"] and not errors else
+               f"{check['missing']:,} MISSING, {check['duplicates']} duplicated, "
+               f"{check['unexpected']} unexpected of {total:,} events")
+    na = "".join(f"{'n/a':>12}" for _ in BASELINES)
+    for part, label, note in (
+            ("delivery", f"notify: events, burst{conns}", verdict),
+            ("light", "notify: events, 1 write at a time", "")):
+        row = notifications[part]
+        rows.append(f"{label:<36}{row['events_per_s']:>10,.1f}{_ms(row['latency_p50_ms'])}"
+                    f"{_ms(row['latency_p99_ms'])}{errors if note else '':>8}{na}  "
+                    f"{note}".rstrip())
+    return rows
+
+
+def notifications_line(report: dict[str, Any]) -> str:
+    """The notifications' figures beyond the table: the spread of latencies, the sizes of
+    the notifications, and what the check found."""
+    notifications = report["notifications"]
+    writes, check = notifications["writes"], notifications["check"]
+    pace = _share(notifications["delivery"].get("pace"))
+    delivery, light = ({k: "-" if v is None else v for k, v in notifications[part].items()}
+                       for part in ("delivery", "light"))
+    filtered = " (filtered by owner)" if notifications.get("filter") else ""
+    return (f"notifications: {notifications['subscribers']} rest-hook subscribers on topic "
+            f"task-status{filtered}, active {notifications['active_after_s']} s after asked"
+            f"; burst: {writes['ok']:,} Tasks created by {notifications['concurrency']} "
+            f"connections in {writes['seconds']:g} s, {delivery['received']:,} of "
+            f"{delivery['expected']:,} events received {delivery['seconds']:g} s after the "
+            f"first write (pace {pace} of the writes'); commit -> receipt p50 "
+            f"{delivery['latency_p50_ms']} ms, p90 {delivery['latency_p90_ms']} ms, p99 "
+            f"{delivery['latency_p99_ms']} ms, max {delivery['latency_max_ms']} ms (from the "
+            f"201's arrival p50 {delivery['after_response_p50_ms']} ms)\n"
+            f"  one write at a time: {light['tasks']} Task(s), commit -> receipt p50 "
+            f"{light['latency_p50_ms']} ms, p90 {light['latency_p90_ms']} ms, p99 "
+            f"{light['latency_p99_ms']} ms, max {light['latency_max_ms']} ms; "
+            f"{check['notifications']:,} notifications of "
+            f"{check['events_per_notification'] or 0} events on average; missing "
+            f"{check['missing']}, duplicated {check['duplicates']}, unexpected "
+            f"{check['unexpected']}")
 
 
 def journeys_line(report: dict[str, Any]) -> str:
@@ -460,8 +607,10 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     add_ratios(measured["scenarios"])
     report = {"backend": args.backend, "tasks": args.tasks, "duration": args.duration,
-              "connections": args.connections, "quick": args.quick, "machine": machine,
-              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **measured}
+              "connections": args.connections, "quick": args.quick, "only": args.only,
+              "machine": machine, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              **measured}
+    add_notification_ratios(report)
     # The targets are the embedded engine's; PostgreSQL's figures are reported as measured.
     report["targets"] = (verdicts(measured["scenarios"], args.tasks)
                          if args.backend == "sqlite" else {})
@@ -471,7 +620,12 @@ def main(argv: list[str]) -> int:
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nresults: {out}")
     failed = any(r["errors"] for r in measured["scenarios"].values())
-    journeys = measured["journeys"].values()
+    journeys = measured.get("journeys", {}).values()
+    notifications = measured.get("notifications")
+    if notifications is not None and notifications["errors"]:
+        failed = True
+        sys.stderr.write("notifications FAILED: " + "; ".join(notifications["failures"])
+                         + "\n" + json.dumps(notifications["per_subscriber"]) + "\n")
     return 1 if failed or any(j["errors"] for j in journeys) else 0
 
 
