@@ -41,7 +41,7 @@ _RESULT_PARAMS = {"_count", "_sort", "_cursor", "_total", "_summary", "_format",
 _TOKENS = {"action": audit_log.c.action, "outcome": audit_log.c.outcome,
            "subtype": audit_log.c.subtype, "altid": audit_log.c.client_id,
            "address": audit_log.c.address}
-_TYPES = {"rest": "rest", "110114": "login"}  # AuditEvent.type codes -> event_type
+_TYPES = {"rest": "rest", "110114": "login", "110106": "notify"}  # AuditEvent.type -> event_type
 
 
 def handle(ctx: Context, request: FhirRequest, rest: list[str],

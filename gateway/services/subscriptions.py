@@ -26,7 +26,7 @@ from gateway.store.schema import subscription_events, subscription_ws_tokens, su
 from gateway.store.timeparse import format_instant, now_micros
 from gateway.subscriptions import notifications
 from gateway.subscriptions.spec import check_against, read_spec, refused
-from gateway.subscriptions.topics import Topic, compile_topic, shipped_topics
+from gateway.subscriptions.topics import Topic, TopicError, compile_topic, shipped_topics
 
 ATM = "https://atm-gateway.org/fhir"
 SUBSCRIBER_CLIENT = f"{ATM}/CodeSystem/subscriber-client"
@@ -37,14 +37,47 @@ WS_TOKEN_SECONDS = 300
 MAX_EVENTS_PAGE = 1000
 
 
+# -- topics --------------------------------------------------------------------------------
+_TOPIC_IDS: dict[str, str] = {}  # url -> id of the SubscriptionTopic last found for it
+_COMPILED: dict[tuple[str, int], Topic] = {}  # (id, version) -> the topic compiled
+
+
+def stored_topic(ctx: Context, repo: Repository, url: str) -> Topic | None:
+    """The stored topic with this url, compiled once per version (matching and delivery
+    ask for it with every change and every notification); None when there is none.
+    TopicError when it cannot be run (one stored before a rule tightened)."""
+    topic_id = _TOPIC_IDS.get(url)
+    version = repo.read("SubscriptionTopic", topic_id) if topic_id else None
+    if version is None or version.deleted or version.resource().get("url") != url:
+        ids = match_ids(ctx.within(repo.conn), repo, "SubscriptionTopic", [("url", url)],
+                        limit=1)
+        version = repo.read("SubscriptionTopic", ids[0]) if ids else None
+        if version is None or version.deleted:
+            return None
+        _TOPIC_IDS[url] = version.id
+    key = (version.id, version.version)
+    if key not in _COMPILED:
+        _COMPILED[key] = compile_topic(version.resource())
+    return _COMPILED[key]
+
+
+def topic_includes(ctx: Context, repo: Repository, url: str) -> dict[str, tuple[str, ...]]:
+    """A topic's `include`s by resource type (a notification's additional context); none
+    when the topic is gone or cannot be run."""
+    try:
+        topic = stored_topic(ctx, repo, url)
+    except TopicError:
+        return {}
+    return topic.includes if topic is not None else {}
+
+
 # -- the rules of writes ------------------------------------------------------------------
 def topic_by_url(ctx: Context, repo: Repository, url: str) -> Topic:
-    ids = match_ids(ctx.within(repo.conn), repo, "SubscriptionTopic", [("url", url)], limit=1)
-    version = repo.read("SubscriptionTopic", ids[0]) if ids else None
-    if version is None or version.deleted:
+    topic = stored_topic(ctx, repo, url)
+    if topic is None:
         raise refused(f"No SubscriptionTopic has url {url!r} (GET SubscriptionTopic lists "
                       "them)", "Subscription.criteria")
-    return compile_topic(version.resource())
+    return topic
 
 
 def owner_tags(resource: dict[str, Any]) -> dict[str, str]:

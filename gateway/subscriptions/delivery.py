@@ -34,6 +34,7 @@ from sqlalchemy import Connection, and_, or_, select, update
 from gateway.audit.log import insert_rows
 from gateway.errors import FhirError
 from gateway.services.context import Context
+from gateway.services.subscriptions import topic_includes
 from gateway.settings import Settings
 from gateway.store.database import Database
 from gateway.store.repository import Repository
@@ -42,7 +43,6 @@ from gateway.store.timeparse import now_micros
 from gateway.subscriptions import notifications
 from gateway.subscriptions.matcher import ACTOR, LIVE
 from gateway.subscriptions.spec import Spec, check_endpoint, read_spec
-from gateway.subscriptions.topics import compile_topic
 
 log = logging.getLogger("atm.subscriptions")
 MAX_AT_ONCE = 64  # Subscriptions one worker delivers side by side
@@ -159,53 +159,54 @@ class Deliverer:
     # -- one Subscription -------------------------------------------------------------------------
     async def _deliver(self, http: httpx.AsyncClient, subscription_id: str) -> None:
         try:
-            while True:
-                step = await asyncio.to_thread(self.next_step, subscription_id)
-                if step is None:
-                    return
+            step = await asyncio.to_thread(self.next_step, subscription_id)
+            while step is not None:
                 outcome = (Outcome(True, None) if step.spec.channel == "websocket"
                            else await self._send(http, step))
-                if not await asyncio.to_thread(self.record, subscription_id, step, outcome):
-                    return
+                step = await asyncio.to_thread(self.record, subscription_id, step, outcome)
         except Exception:  # noqa: BLE001 - the lease expires and another attempt follows
             log.exception("delivering Subscription/%s failed", subscription_id)
         finally:
             self._in_flight.discard(subscription_id)
+            if self._wake is not None:  # events matched while it was in flight were
+                self._wake.set()        # passed over by the claims: look again now
 
     def next_step(self, subscription_id: str) -> Step | None:
         """What to send next (renewing the lease), or None (lease released)."""
-        now = now_micros()
         with self.db.write(notify=False) as conn:
-            row = self._held(conn, subscription_id)
-            if row is None:
-                return None
-            repo = Repository(conn)
-            current = repo.read("Subscription", subscription_id)
-            subscription = current.resource() if current and not current.deleted else None
-            spec = _spec(subscription, self.settings)
-            kind, numbers = self._due(row, now, spec.max_count if spec else 1)
-            if kind is None or row.status not in LIVE or spec is None or subscription is None:
-                self._release(conn, subscription_id)
-                return None
-            if spec.channel == "websocket" and kind != "handshake":
-                self._release(conn, subscription_id)  # sent by the socket's own server
-                return None
-            conn.execute(update(subscriptions).where(subscriptions.c.id == subscription_id)
-                         .values(lease_until=now + self._lease))
-            events = conn.execute(
-                select(subscription_events).where(
-                    subscription_events.c.subscription_id == subscription_id,
-                    subscription_events.c.number.in_(numbers))
-                .order_by(subscription_events.c.number)).all() if numbers else []
-            reader = notifications.Reader.of_row(row, conn)
-            if reader.disabled:
-                self._release(conn, subscription_id, next_attempt=now + self._lease,
-                              last_error="the subscribing client is disabled")
-                return None
-            includes = self._includes(repo, row.topic)
-            bundle = notifications.notification(repo, self._ctx.within(conn), subscription,
-                                                row, kind, events, spec.content, reader,
-                                                includes)
+            return self._step(conn, subscription_id, now_micros())
+
+    def _step(self, conn: Connection, subscription_id: str, now: int) -> Step | None:
+        row = self._held(conn, subscription_id)
+        if row is None:
+            return None
+        repo = Repository(conn)
+        current = repo.read("Subscription", subscription_id)
+        subscription = current.resource() if current and not current.deleted else None
+        spec = _spec(subscription, self.settings)
+        kind, numbers = self._due(row, now, spec.max_count if spec else 1)
+        if kind is None or row.status not in LIVE or spec is None or subscription is None:
+            self._release(conn, subscription_id)
+            return None
+        if spec.channel == "websocket" and kind != "handshake":
+            self._release(conn, subscription_id)  # sent by the socket's own server
+            return None
+        reader = notifications.Reader.of_row(row, conn)
+        if reader.disabled:
+            self._release(conn, subscription_id, next_attempt=now + self._lease,
+                          last_error="the subscribing client is disabled")
+            return None
+        conn.execute(update(subscriptions).where(subscriptions.c.id == subscription_id)
+                     .values(lease_until=now + self._lease))
+        events = conn.execute(
+            select(subscription_events).where(
+                subscription_events.c.subscription_id == subscription_id,
+                subscription_events.c.number.in_(numbers))
+            .order_by(subscription_events.c.number)).all() if numbers else []
+        ctx = self._ctx.within(conn)
+        bundle = notifications.notification(repo, ctx, subscription, row, kind, events,
+                                            spec.content, reader,
+                                            topic_includes(ctx, repo, row.topic))
         entities = [f"Subscription/{subscription_id}"] + [
             f"{e.res_type}/{e.res_id}/_history/{e.version}" for e in events]
         return Step(kind, spec, numbers, notifications.body(bundle, reader), entities,
@@ -225,19 +226,6 @@ class Deliverer:
             return "heartbeat", []
         return None, []
 
-    def _includes(self, repo: Repository, topic_url: str) -> dict[str, tuple[str, ...]]:
-        from gateway.services.search import match_ids
-
-        ids = match_ids(self._ctx.within(repo.conn), repo, "SubscriptionTopic",
-                        [("url", topic_url)], limit=1)
-        version = repo.read("SubscriptionTopic", ids[0]) if ids else None
-        if version is None or version.deleted:
-            return {}
-        try:
-            return compile_topic(version.resource()).includes
-        except FhirError:
-            return {}
-
     async def _send(self, http: httpx.AsyncClient, step: Step) -> Outcome:
         assert step.spec.endpoint is not None
         try:
@@ -256,17 +244,18 @@ class Deliverer:
         return Outcome(False, response.status_code, f"the endpoint answered HTTP "
                                                     f"{response.status_code}")
 
-    def record(self, subscription_id: str, step: Step, outcome: Outcome) -> bool:
-        """Store how the attempt went (and its audit row); True to go on with the next."""
+    def record(self, subscription_id: str, step: Step, outcome: Outcome) -> Step | None:
+        """Store how the attempt went (and its audit row) and, after a success, take the
+        next step in the same transaction; None when there is nothing more to do now."""
         now = now_micros()
         with self.db.write(notify=False) as conn:
             row = self._held(conn, subscription_id)
             if row is None:
-                return False  # the lease ran out and another worker took over
+                return None  # the lease ran out and another worker took over
             if row.status not in LIVE:  # turned off while this was sent: it stays off
                 self._release(conn, subscription_id)
                 insert_rows(conn, [audit_row(now, subscription_id, step, outcome)])
-                return False
+                return None
             if outcome.ok:
                 heartbeat = step.spec.heartbeat
                 values: dict[str, Any] = {
@@ -288,7 +277,7 @@ class Deliverer:
             if status != row.status:
                 _set_status(conn, subscription_id, status)
             insert_rows(conn, [audit_row(now, subscription_id, step, outcome)])
-        return outcome.ok
+            return self._step(conn, subscription_id, now) if outcome.ok else None
 
     def _backoff(self, failures: int) -> int:
         base = self.settings.subscription_retry_seconds

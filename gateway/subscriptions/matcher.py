@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
 
+from gateway.errors import FhirError
 from gateway.services.context import Context
 from gateway.settings import Settings
 from gateway.store.database import Database, safe_position
@@ -28,9 +29,9 @@ from gateway.store.repository import Actor, Repository
 from gateway.store.schema import change_log, reactor_cursors, subscription_events, subscriptions
 from gateway.store.timeparse import now_micros
 from gateway.subscriptions import notifications
-from gateway.subscriptions.scratch import Scratch
+from gateway.subscriptions.scratch import Loaded, Scratch
 from gateway.subscriptions.spec import Spec, read_spec
-from gateway.subscriptions.topics import Topic, Trigger, compile_topic, compiled_fhirpath
+from gateway.subscriptions.topics import Topic, Trigger, compiled_fhirpath
 
 log = logging.getLogger("atm.subscriptions")
 
@@ -60,7 +61,6 @@ class Matcher:
         self._ctx = Context(db=db, settings=settings, base_url=settings.base_url or "",
                             actor=ACTOR)
         self._scratch = Scratch(self._ctx)
-        self._topics: dict[tuple[str, int], Topic] = {}
 
     def close(self) -> None:
         self._scratch.close()
@@ -146,21 +146,13 @@ class Matcher:
         return Live(row, spec, self._topic(repo, spec.topic))
 
     def _topic(self, repo: Repository, url: str) -> Topic | None:
-        from gateway.services.search import match_ids
+        from gateway.services.subscriptions import stored_topic  # the services build on us
 
-        ids = match_ids(self._ctx.within(repo.conn), repo, "SubscriptionTopic",
-                        [("url", url)], limit=1)
-        version = repo.read("SubscriptionTopic", ids[0]) if ids else None
-        if version is None or version.deleted:
+        try:
+            return stored_topic(self._ctx, repo, url)
+        except FhirError as exc:  # stored before a rule tightened
+            log.error("SubscriptionTopic %s cannot be run: %s", url, exc)
             return None
-        key = (version.id, version.version)
-        if key not in self._topics:
-            try:
-                self._topics[key] = compile_topic(version.resource())
-            except Exception as exc:  # noqa: BLE001 - stored before a rule tightened
-                log.error("SubscriptionTopic/%s cannot be run: %s", version.id, exc)
-                return None
-        return self._topics[key]
 
     # -- matching ---------------------------------------------------------------------------
     def _match(self, conn: Connection, rows: list[Any], live: dict[str, Live]) -> set[str]:
@@ -178,14 +170,15 @@ class Matcher:
             if not interested:
                 continue
             current, previous = self._versions(repo, change)
-            for state in interested:
-                if self._fires(state, change, previous, current) and self._may_read(
-                        repo, state, change):
-                    state.new_events.append({
-                        "change_seq": change.seq, "res_type": change.res_type,
-                        "res_id": change.res_id, "version": change.version,
-                        "interaction": change.interaction, "at": change.at})
-                    changed.add(state.row["id"])
+            with self._scratch.loaded(previous, current) as (was, now):
+                for state in interested:
+                    if self._fires(state, change, was, now) and self._may_read(
+                            repo, state, change):
+                        state.new_events.append({
+                            "change_seq": change.seq, "res_type": change.res_type,
+                            "res_id": change.res_id, "version": change.version,
+                            "interaction": change.interaction, "at": change.at})
+                        changed.add(state.row["id"])
         return changed
 
     def _versions(self, repo: Repository, change: Any) -> tuple[dict[str, Any] | None,
@@ -196,34 +189,37 @@ class Matcher:
         return ((now.resource() if now and not now.deleted else None),
                 (before.resource() if before and not before.deleted else None))
 
-    def _fires(self, state: Live, change: Any, previous: dict[str, Any] | None,
-               current: dict[str, Any] | None) -> bool:
+    def _fires(self, state: Live, change: Any, previous: Loaded | None,
+               current: Loaded | None) -> bool:
         assert state.topic is not None and state.spec is not None
         if not any(self._trigger_fires(t, change.interaction, previous, current)
                    for t in state.topic.triggers_for(change.res_type)):
             return False
         focus = current if current is not None else previous
         criteria = state.spec.filters.get(change.res_type, ())
-        return focus is not None and self._scratch.matches(focus, criteria)
+        return focus is not None and focus.matches(criteria)
 
-    def _trigger_fires(self, trigger: Trigger, interaction: str,
-                       previous: dict[str, Any] | None, current: dict[str, Any] | None) -> bool:
+    @staticmethod
+    def _trigger_fires(trigger: Trigger, interaction: str, previous: Loaded | None,
+                       current: Loaded | None) -> bool:
         if interaction not in trigger.interactions:
             return False
         tests = []
         if trigger.previous is not None:
             tests.append(trigger.passes_without_previous if previous is None
-                         else self._scratch.matches(previous, trigger.previous))
+                         else previous.matches(trigger.previous))
         if trigger.current is not None:
             tests.append(trigger.passes_without_current if current is None
-                         else self._scratch.matches(current, trigger.current))
+                         else current.matches(trigger.current))
         if tests and not (all(tests) if trigger.require_both else any(tests)):
             return False
         if trigger.fhirpath is None:
             return True
+        before = previous.resource if previous is not None else None
+        after = current.resource if current is not None else None
         try:
             result = compiled_fhirpath(trigger.fhirpath)(
-                current or previous or {}, {"previous": previous or [], "current": current or []})
+                after or before or {}, {"previous": before or [], "current": after or []})
         except Exception as exc:  # noqa: BLE001 - a criterion that fails matches nothing
             log.warning("FHIRPath criterion %r failed: %s", trigger.fhirpath, exc)
             return False

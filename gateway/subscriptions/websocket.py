@@ -42,6 +42,7 @@ from gateway import jsonio
 from gateway.audit.log import insert_rows
 from gateway.errors import FhirError, Issue, operation_outcome
 from gateway.services.context import Context
+from gateway.services.subscriptions import topic_includes
 from gateway.settings import Settings
 from gateway.store.database import Database
 from gateway.store.repository import Repository
@@ -188,7 +189,7 @@ class Stream:
             ctx = self._ctx.within(conn)
             bundle = notifications.notification(repo, ctx, subscription, row, kind, events,
                                                 spec.content, reader,
-                                                _includes(ctx, repo, row.topic))
+                                                topic_includes(ctx, repo, row.topic))
         entities = [f"Subscription/{self.subscription_id}"] + [
             f"{e.res_type}/{e.res_id}/_history/{e.version}" for e in events]
         return Step(kind, spec, numbers, notifications.body(bundle, reader), entities,
@@ -226,16 +227,6 @@ class Stream:
     def audit(self, step: Step, outcome: Outcome) -> None:
         with self.db.write(notify=False) as conn:
             insert_rows(conn, [audit_row(now_micros(), self.subscription_id, step, outcome)])
-
-
-def _includes(ctx: Context, repo: Repository, topic_url: str) -> dict[str, tuple[str, ...]]:
-    """The topic's `include`s (additional context); none when the topic is gone."""
-    from gateway.services.subscriptions import topic_by_url  # the services build on us
-
-    try:
-        return topic_by_url(ctx, repo, topic_url).includes
-    except FhirError:
-        return {}
 
 
 class Watcher:

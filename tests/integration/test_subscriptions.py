@@ -428,5 +428,7 @@ def test_every_delivery_attempt_is_audited(server: TestClient, receiver: Receive
     assert kinds[-1] == ("event-notification", "0")
     sent = events[-1]
     assert sent["type"]["code"] == "110106"  # Export
+    by_type = server.get("/fhir/AuditEvent", params={"type": "110106", "_count": 50}).json()
+    assert len(by_type["entry"]) == len(events)
     assert any(a.get("network", {}).get("address") == "127.0.0.1" for a in sent["agent"])
     assert any(e["what"]["reference"].startswith("Task/") for e in sent["entity"])
