@@ -63,6 +63,18 @@ class Step:
 
 
 @dataclass
+class Due:
+    """What the next notification of a leased Subscription is to carry."""
+
+    row: Any  # its subscriptions row, as the lease was renewed
+    subscription: dict[str, Any]
+    spec: Spec
+    kind: str
+    numbers: list[int]
+    reader: notifications.Reader
+
+
+@dataclass
 class Outcome:
     ok: bool
     status: int | None
@@ -174,14 +186,16 @@ class Deliverer:
     def next_step(self, subscription_id: str) -> Step | None:
         """What to send next (renewing the lease), or None (lease released)."""
         with self.db.write(notify=False) as conn:
-            return self._step(conn, subscription_id, now_micros())
+            due = self._decide(conn, subscription_id, now_micros())
+        return self._render(due) if due is not None else None
 
-    def _step(self, conn: Connection, subscription_id: str, now: int) -> Step | None:
+    def _decide(self, conn: Connection, subscription_id: str, now: int) -> Due | None:
+        """In the write transaction, which holds the lease: what is due, the lease renewed;
+        None when nothing is (the lease then released)."""
         row = self._held(conn, subscription_id)
         if row is None:
             return None
-        repo = Repository(conn)
-        current = repo.read("Subscription", subscription_id)
+        current = Repository(conn).read("Subscription", subscription_id)
         subscription = current.resource() if current and not current.deleted else None
         spec = _spec(subscription, self.settings)
         kind, numbers = self._due(row, now, spec.max_count if spec else 1)
@@ -198,19 +212,27 @@ class Deliverer:
             return None
         conn.execute(update(subscriptions).where(subscriptions.c.id == subscription_id)
                      .values(lease_until=now + self._lease))
-        events = conn.execute(
-            select(subscription_events).where(
-                subscription_events.c.subscription_id == subscription_id,
-                subscription_events.c.number.in_(numbers))
-            .order_by(subscription_events.c.number)).all() if numbers else []
-        ctx = self._ctx.within(conn)
-        bundle = notifications.notification(repo, ctx, subscription, row, kind, events,
-                                            spec.content, reader,
-                                            topic_includes(ctx, repo, row.topic))
-        entities = [f"Subscription/{subscription_id}"] + [
+        return Due(row, subscription, spec, kind, numbers, reader)
+
+    def _render(self, due: Due) -> Step:
+        """The notification, built in a read transaction: on SQLite, rendering inside the
+        write transaction kept every other writer (clients' creates) waiting."""
+        row = due.row
+        with self.db.read() as conn:
+            repo = Repository(conn)
+            events = conn.execute(
+                select(subscription_events).where(
+                    subscription_events.c.subscription_id == row.id,
+                    subscription_events.c.number.in_(due.numbers))
+                .order_by(subscription_events.c.number)).all() if due.numbers else []
+            ctx = self._ctx.within(conn)
+            bundle = notifications.notification(repo, ctx, due.subscription, row, due.kind,
+                                                events, due.spec.content, due.reader,
+                                                topic_includes(ctx, repo, row.topic))
+        entities = [f"Subscription/{row.id}"] + [
             f"{e.res_type}/{e.res_id}/_history/{e.version}" for e in events]
-        return Step(kind, spec, numbers, notifications.body(bundle, reader), entities,
-                    row.client_id, row.organization)
+        return Step(due.kind, due.spec, due.numbers, notifications.body(bundle, due.reader),
+                    entities, row.client_id, row.organization)
 
     @staticmethod
     def _due(row: Any, now: int, max_count: int) -> tuple[str | None, list[int]]:
@@ -245,7 +267,7 @@ class Deliverer:
                                                     f"{response.status_code}")
 
     def record(self, subscription_id: str, step: Step, outcome: Outcome) -> Step | None:
-        """Store how the attempt went (and its audit row) and, after a success, take the
+        """Store how the attempt went (and its audit row) and, after a success, decide the
         next step in the same transaction; None when there is nothing more to do now."""
         now = now_micros()
         with self.db.write(notify=False) as conn:
@@ -277,7 +299,8 @@ class Deliverer:
             if status != row.status:
                 _set_status(conn, subscription_id, status)
             insert_rows(conn, [audit_row(now, subscription_id, step, outcome)])
-            return self._step(conn, subscription_id, now) if outcome.ok else None
+            due = self._decide(conn, subscription_id, now) if outcome.ok else None
+        return self._render(due) if due is not None else None
 
     def _backoff(self, failures: int) -> int:
         base = self.settings.subscription_retry_seconds

@@ -171,8 +171,9 @@ class Matcher:
                 continue
             current, previous = self._versions(repo, change)
             with self._scratch.loaded(previous, current) as (was, now):
+                fired: dict[str, bool] = {}  # a topic's triggers, tested once per change
                 for state in interested:
-                    if self._fires(state, change, was, now) and self._may_read(
+                    if self._fires(state, change, was, now, fired) and self._may_read(
                             repo, state, change):
                         state.new_events.append({
                             "change_seq": change.seq, "res_type": change.res_type,
@@ -190,10 +191,13 @@ class Matcher:
                 (before.resource() if before and not before.deleted else None))
 
     def _fires(self, state: Live, change: Any, previous: Loaded | None,
-               current: Loaded | None) -> bool:
-        assert state.topic is not None and state.spec is not None
-        if not any(self._trigger_fires(t, change.interaction, previous, current)
-                   for t in state.topic.triggers_for(change.res_type)):
+               current: Loaded | None, fired: dict[str, bool]) -> bool:
+        topic = state.topic
+        assert topic is not None and state.spec is not None
+        if topic.url not in fired:
+            fired[topic.url] = any(self._trigger_fires(t, change.interaction, previous, current)
+                                   for t in topic.triggers_for(change.res_type))
+        if not fired[topic.url]:
             return False
         focus = current if current is not None else previous
         criteria = state.spec.filters.get(change.res_type, ())
