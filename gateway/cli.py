@@ -50,6 +50,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on"),
     typer.echo(f"ATM Gateway: FHIR R4 at {base}"
                + (", the orchestrator advancing enrolments" if settings.orchestrator else "")
                + (", the shipped protocols loaded" if settings.load_protocols else "")
+               + (", subscription notifications delivered" if settings.subscriptions else "")
                + f".\nWatch whole therapy journeys: atm demo --server {base}"
                + ("\nWARNING: ATM_AUTH=off: no one is asked who they are; anyone can read "
                   "and change everything. For local exploration only."

@@ -199,6 +199,9 @@ class Deliverer:
         subscription = current.resource() if current and not current.deleted else None
         spec = _spec(subscription, self.settings)
         kind, numbers = self._due(row, now, spec.max_count if spec else 1)
+        if kind == "heartbeat" and spec is not None and spec.ended(now):
+            self._release(conn, subscription_id, heartbeat_due=None)  # its end has passed
+            return None
         if kind is None or row.status not in LIVE or spec is None or subscription is None:
             self._release(conn, subscription_id)
             return None

@@ -166,7 +166,9 @@ class Matcher:
                     changed.add(change.res_id)
                 continue
             interested = [s for s in live.values() if s.row["status"] in LIVE
-                          and s.topic is not None and s.topic.triggers_for(change.res_type)]
+                          and s.topic is not None and s.spec is not None
+                          and s.topic.triggers_for(change.res_type)
+                          and not s.spec.ended(change.at)]
             if not interested:
                 continue
             current, previous = self._versions(repo, change)

@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from gateway.errors import Issue, UnprocessableError
 from gateway.settings import Settings
+from gateway.store.timeparse import date_range
 from gateway.subscriptions.topics import Topic, TopicError, check_criteria
 
 BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
@@ -45,6 +46,10 @@ class Spec:
     heartbeat: int | None  # seconds
     timeout: float
     max_count: int
+    end: int | None = None  # µs: no events after it, nor heartbeats
+
+    def ended(self, at: int) -> bool:
+        return self.end is not None and at >= self.end
 
 
 def _extension(element: dict[str, Any] | None, url: str) -> dict[str, Any] | None:
@@ -97,7 +102,17 @@ def read_spec(subscription: dict[str, Any], settings: Settings) -> Spec:
         heartbeat=_int_extension(channel, HEARTBEAT, "backport-heartbeat-period", 1),
         timeout=float(timeout or settings.subscription_timeout_seconds),
         max_count=_int_extension(channel, MAX_COUNT, "backport-max-count", 1, 1000)
-        or settings.subscription_max_count)
+        or settings.subscription_max_count,
+        end=_end(subscription.get("end")))
+
+
+def _end(raw: Any) -> int | None:
+    if raw is None:
+        return None
+    span = date_range(str(raw))
+    if span is None:
+        raise refused(f"end {raw!r} is not an instant", "Subscription.end")
+    return span[0]
 
 
 def _filters(subscription: dict[str, Any]) -> dict[str, tuple[tuple[str, str], ...]]:

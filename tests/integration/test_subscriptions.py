@@ -310,6 +310,18 @@ def test_heartbeats_when_nothing_happens(server: TestClient, receiver: Receiver)
     assert len(beat.bundle["entry"]) == 1
 
 
+def test_nothing_is_matched_after_the_end(server: TestClient, receiver: Receiver) -> None:
+    body = {**subscription(receiver.url(), heartbeat=1), "end": "2000-01-01T00:00:00Z"}
+    subscribe(server, body)
+    receiver.wait_for(lambda r: bool(r.of_kind("handshake")))
+    create(server, task())
+    time.sleep(1.5)
+    assert receiver.event_numbers() == []
+    assert receiver.of_kind("heartbeat") == []
+    bad = {**subscription(receiver.url()), "end": "soon"}
+    assert server.post("/fhir/Subscription", json=bad, headers=FHIR).status_code in (400, 422)
+
+
 # -- $status and $events ----------------------------------------------------------------
 def test_status_and_events_operations(server: TestClient, receiver: Receiver) -> None:
     subscription_id = subscribe(server, subscription(receiver.url()))
