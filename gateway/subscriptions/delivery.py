@@ -202,6 +202,10 @@ class Deliverer:
         if kind == "heartbeat" and spec is not None and spec.ended(now):
             self._release(conn, subscription_id, heartbeat_due=None)  # its end has passed
             return None
+        if subscription is not None and spec is None:  # e.g. its host left the allow-list
+            self._release(conn, subscription_id, next_attempt=now + self._lease,
+                          last_error="this Subscription can no longer be served as written")
+            return None
         if kind is None or row.status not in LIVE or spec is None or subscription is None:
             self._release(conn, subscription_id)
             return None

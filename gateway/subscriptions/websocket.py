@@ -220,7 +220,7 @@ class Stream:
             numbers = list(range(self.position + 1, last + 1))
             self.position = last
             return "event-notification", numbers
-        if heartbeat_due:
+        if heartbeat_due and not spec.ended(now_micros()):
             return "heartbeat", []
         return None, []
 
