@@ -16,10 +16,11 @@ done.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, insert, select, text, update
 
 from gateway.errors import FhirError
 from gateway.services.context import Context
@@ -37,7 +38,10 @@ log = logging.getLogger("atm.subscriptions")
 
 CURSOR = "subscriptions"
 ACTOR = Actor(name="subscriptions")  # the server's own writes of Subscription statuses
-GAP_GRACE_MICROS = 30_000_000
+CLOCK_MARGIN_MICROS = 5_000_000  # this process's clock against the database server's
+_OLDEST_WRITER = text(
+    "SELECT (extract(epoch FROM min(xact_start)) * 1000000)::bigint FROM pg_stat_activity "
+    "WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()")
 LIVE = ("requested", "active", "error")
 FOLLOWED = ("version", "topic", "channel", "status", "handshake", "failures", "next_attempt",
             "last_error")
@@ -61,6 +65,7 @@ class Matcher:
         self._ctx = Context(db=db, settings=settings, base_url=settings.base_url or "",
                             actor=ACTOR)
         self._scratch = Scratch(self._ctx)
+        self._gap_warned = 0.0
 
     def close(self) -> None:
         self._scratch.close()
@@ -70,12 +75,17 @@ class Matcher:
         """Match the changes after the cursor: (changes read, events made)."""
         cursor = self._cursor()
         with self.db.read() as conn:
+            cutoff = _gap_cutoff(conn)  # before the read: see _gap_cutoff
             rows = list(conn.execute(
                 select(change_log).where(change_log.c.seq > cursor)
                 .order_by(change_log.c.seq).limit(self.batch)).all())
             if not rows:
                 return 0, 0
-            position = safe_position(cursor, rows, now_micros() - GAP_GRACE_MICROS)
+            position = safe_position(cursor, rows, cutoff)
+            if position < rows[-1].seq and time.monotonic() - self._gap_warned > 60:
+                self._gap_warned = time.monotonic()
+                log.warning("subscription matching waits at change %d for a transaction "
+                            "still open in the database", position + 1)
             rows = [r for r in rows if r.seq <= position]
             if not rows:
                 return 0, 0  # a transaction still open before the rest: wait for it
@@ -299,6 +309,24 @@ class Matcher:
         conn.execute(update(subscriptions).where(subscriptions.c.id == subscription_id)
                      .values(events=last + len(events)))
         return len(events)
+
+
+def _gap_cutoff(conn: Connection) -> int:
+    """How recent a change may be and still lie past a gap in the change log (µs).
+
+    On PostgreSQL a sequence number is drawn before its transaction commits, so a gap
+    is a transaction still open, or one rolled back. Only a transaction open now can
+    fill it, and such a transaction began before the change after the gap was written:
+    changes older than the oldest open writer (less a margin for clocks) lie past gaps
+    nobody will fill. Asked before the change log is read, in its own statement: a
+    writer that ends in between has its change in that read. Never by age alone (the
+    orchestrator's way): a transaction open for long would lose its events. SQLite
+    commits changes in their order, so no gap waits there."""
+    now = now_micros()
+    if conn.dialect.name != "postgresql":
+        return now
+    oldest = conn.execute(_OLDEST_WRITER).scalar()
+    return now if oldest is None else int(oldest) - CLOCK_MARGIN_MICROS
 
 
 @dataclass(frozen=True)

@@ -444,3 +444,32 @@ def test_every_delivery_attempt_is_audited(server: TestClient, receiver: Receive
     assert len(by_type["entry"]) == len(events)
     assert any(a.get("network", {}).get("address") == "127.0.0.1" for a in sent["agent"])
     assert any(e["what"]["reference"].startswith("Task/") for e in sent["entity"])
+
+
+def test_a_transaction_open_across_a_gap_loses_no_event(
+        server: TestClient, receiver: Receiver, settings: Settings) -> None:
+    """PostgreSQL numbers a change before it commits: matching waits at the gap while
+    that transaction is open, however long, and numbers its change when it commits."""
+    if settings.is_sqlite:
+        pytest.skip("SQLite commits changes in their order: no gap is ever open")
+    from gateway.store.database import Database, make_engine
+    from gateway.store.repository import Repository
+
+    subscribe(server, subscription(receiver.url()))
+    receiver.wait_for(lambda r: bool(r.of_kind("handshake")))
+    db = Database(make_engine(settings))
+    try:
+        with db.write() as conn:  # stays open while a later change commits
+            Repository(conn).create(task(description="slow"))
+            create(server, task(description="quick"))
+            time.sleep(1.0)
+            assert receiver.event_numbers() == []  # the quick one waits behind the gap
+        receiver.wait_for(lambda r: len(r.event_numbers()) == 2)
+        with pytest.raises(RuntimeError), db.write() as conn:  # a gap rolled back
+            Repository(conn).create(task(description="undone"))
+            raise RuntimeError
+        create(server, task(description="after"))
+        receiver.wait_for(lambda r: len(r.event_numbers()) == 3)
+    finally:
+        db.dispose()
+    assert receiver.event_numbers() == [1, 2, 3]
