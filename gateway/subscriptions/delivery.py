@@ -135,6 +135,9 @@ class Deliverer:
                 and_(c.channel == "rest-hook",
                      or_(c.delivered < c.events, c.heartbeat_due <= now))))
             .order_by(c.next_attempt).limit(limit + len(self._in_flight)))
+        with self.db.read() as conn:  # most looks find nothing: no write transaction then
+            if not any(i not in self._in_flight for i in conn.execute(due).scalars()):
+                return []
         with self.db.write(notify=False) as conn:
             if conn.dialect.name == "postgresql":
                 due = due.with_for_update(skip_locked=True)

@@ -38,6 +38,7 @@ log = logging.getLogger("atm.subscriptions")
 
 CURSOR = "subscriptions"
 ACTOR = Actor(name="subscriptions")  # the server's own writes of Subscription statuses
+CURSOR_SAVE_SECONDS = 1.0
 CLOCK_MARGIN_MICROS = 5_000_000  # this process's clock against the database server's
 _OLDEST_WRITER = text(
     "SELECT (extract(epoch FROM min(xact_start)) * 1000000)::bigint FROM pg_stat_activity "
@@ -66,6 +67,9 @@ class Matcher:
                             actor=ACTOR)
         self._scratch = Scratch(self._ctx)
         self._gap_warned = 0.0
+        self._position: int | None = None  # how far this process has matched
+        self._stored = 0  # the cursor as this process last read or stored it
+        self._saved_at = 0.0
 
     def close(self) -> None:
         self._scratch.close()
@@ -73,7 +77,9 @@ class Matcher:
     # -- one round ------------------------------------------------------------------------
     def run_once(self) -> tuple[int, int]:
         """Match the changes after the cursor: (changes read, events made)."""
-        cursor = self._cursor()
+        if self._position is None:
+            self._position = self._stored = self._cursor()
+        cursor = self._position
         with self.db.read() as conn:
             cutoff = _gap_cutoff(conn)  # before the read: see _gap_cutoff
             rows = list(conn.execute(
@@ -91,12 +97,20 @@ class Matcher:
                 return 0, 0  # a transaction still open before the rest: wait for it
             live = self._live(conn)
             changed = self._match(conn, rows, live)
+        if not changed and time.monotonic() - self._saved_at < CURSOR_SAVE_SECONDS:
+            # Nothing to store: the cursor moves in memory, and is stored at most once a
+            # second (a write transaction per commit would queue behind clients' writes).
+            self._position = position
+            return len(rows), 0
         # Not `notify`: the events are this process's own news (the worker nudges delivery).
         with self.db.write(notify=False) as conn:
-            if not self._lock_cursor(conn, cursor):
-                return len(rows), 0  # another matcher moved it meanwhile: its round counts
+            if not self._lock_cursor(conn, self._stored):
+                self._position = None  # another matcher moved it: start again from there
+                return len(rows), 0
             made = self._store(conn, live, changed)
             self._move_cursor(conn, position)
+        self._position = self._stored = position
+        self._saved_at = time.monotonic()
         if changed:  # websocket streams here wait on `committed` for their Subscriptions
             self.db.committed.set()
         return len(rows), made
