@@ -174,18 +174,24 @@ def summary(tally: Tally, elapsed: float) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str]) -> None:
-    with open(argv[0]) as file:
-        spec = Spec(**json.load(file))
-    if spec.cpu is not None and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {spec.cpu})
+def run_pinned(cpu: int | None, work: Callable[[], Any]) -> Any:
+    """Run a load generator's coroutine on uvloop (when installed), pinned to `cpu`: the
+    load must not take the server's core."""
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cpu})
     try:
         import uvloop
 
         runner: Callable[..., Any] = uvloop.run
     except ImportError:
         runner = asyncio.run
-    print(json.dumps(runner(Run(spec).run())))
+    return runner(work())
+
+
+def main(argv: list[str]) -> None:
+    with open(argv[0]) as file:
+        spec = Spec(**json.load(file))
+    print(json.dumps(run_pinned(spec.cpu, Run(spec).run)))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import sys
 import time
@@ -47,7 +46,14 @@ from urllib.parse import urlsplit
 import orjson
 
 from bench import workload
-from bench.loadgen import CONNECT_TIMEOUT, RESPONSE_TIMEOUT, encode, percentile_ms, read_response
+from bench.loadgen import (
+    CONNECT_TIMEOUT,
+    RESPONSE_TIMEOUT,
+    encode,
+    percentile_ms,
+    read_response,
+    run_pinned,
+)
 
 TOPIC = "https://atm-gateway.org/fhir/SubscriptionTopic/task-status"
 BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
@@ -559,15 +565,7 @@ def token_source(spec: Spec) -> Callable[[], str]:
 def main(argv: list[str]) -> None:
     with open(argv[0]) as file:
         spec = Spec(**json.load(file))
-    if spec.cpu is not None and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {spec.cpu})
-    try:
-        import uvloop
-
-        runner: Callable[..., Any] = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    print(json.dumps(runner(Bench(spec, token_source(spec)).run())))
+    print(json.dumps(run_pinned(spec.cpu, Bench(spec, token_source(spec)).run)))
 
 
 if __name__ == "__main__":

@@ -50,13 +50,15 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
         if settings.auth == "off":
             log.warning("%s Set ATM_AUTH=smart and register clients with `atm clients "
                         "add` before any real data goes in.", AUTH_OFF_WARNING)
+        from gateway.services.protocols import load_shipped
+        from gateway.services.subscriptions import load_shipped_topics
         from gateway.subscriptions import worker  # they build on the services
         from orchestration.runner import running_beside
 
         if settings.load_topics:
-            _load_shipped_topics(db, settings)
+            _load_shipped(db, settings, "SubscriptionTopic", load_shipped_topics)
         if settings.load_protocols:
-            _load_shipped_protocols(db, settings)
+            _load_shipped(db, settings, "protocol PlanDefinition", load_shipped)
         with running_trail(db) as app.state.audit, running_beside(db, settings), \
                 worker.running_beside(db, settings):
             yield
@@ -81,34 +83,21 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
     return app
 
 
-def _load_shipped_topics(db: Database, settings: Settings) -> None:
+def _load_shipped(db: Database, settings: Settings, what: str,
+                  loader: Callable[[Any], list[str]]) -> None:
+    """Store what the gateway ships (protocols, subscription topics) unless the stored
+    copies are the same; the server starts even when the database is out (/readyz tells)."""
     from gateway.services.context import Context
-    from gateway.services.subscriptions import load_shipped_topics
     from gateway.store.repository import Actor
 
     ctx = Context(db=db, settings=settings, base_url=settings.base_url or "",
                   actor=Actor(name="atm serve"))
     try:
-        for topic_id in load_shipped_topics(ctx):
-            log.info("loaded SubscriptionTopic/%s", topic_id)
+        for written in loader(ctx):
+            log.info("loaded %s %s", what, written)
     except SQLAlchemyError:
-        log.exception("the shipped subscription topics could not be loaded (is the "
-                      "database up and migrated?)")
-
-
-def _load_shipped_protocols(db: Database, settings: Settings) -> None:
-    from gateway.services.context import Context
-    from gateway.services.protocols import load_shipped
-    from gateway.store.repository import Actor
-
-    ctx = Context(db=db, settings=settings, base_url=settings.base_url or "",
-                  actor=Actor(name="atm serve"))
-    try:
-        for plan_id in load_shipped(ctx):
-            log.info("loaded protocol PlanDefinition/%s", plan_id)
-    except SQLAlchemyError:  # the server still starts; /readyz tells the database is out
-        log.exception("the shipped protocols could not be loaded (is the database up "
-                      "and migrated?); load them with `atm protocols load`")
+        log.exception("the shipped %s could not be loaded (is the database up and "
+                      "migrated?)", what)
 
 
 def _front(app: FastAPI, settings: Settings, inner: ASGIApp) -> ASGIApp:
