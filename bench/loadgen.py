@@ -69,9 +69,14 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     """One response: (status, body). Handles Content-Length and chunked bodies."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
+    return int(lines[0].split(" ", 2)[1]), await read_body(reader, lines[1:])
+
+
+async def read_body(reader: asyncio.StreamReader, header_lines: list[str]) -> bytes:
+    """The body after these header lines: Content-Length or chunked (a request's or a
+    response's)."""
     length, chunked = 0, False
-    for line in lines[1:]:
+    for line in header_lines:
         name, _, value = line.partition(":")
         name = name.strip().lower()
         if name == "content-length":
@@ -79,13 +84,13 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
         elif name == "transfer-encoding" and "chunked" in value.lower():
             chunked = True
     if not chunked:
-        return status, await reader.readexactly(length) if length else b""
+        return await reader.readexactly(length) if length else b""
     parts = []
     while True:
         size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-        parts.append(await reader.readexactly(size + 2))
+        parts.append((await reader.readexactly(size + 2))[:-2])
         if size == 0:
-            return status, b"".join(p[:-2] for p in parts)
+            return b"".join(parts)
 
 
 class Run:

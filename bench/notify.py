@@ -51,6 +51,7 @@ from bench.loadgen import (
     RESPONSE_TIMEOUT,
     encode,
     percentile_ms,
+    read_body,
     read_response,
     run_pinned,
 )
@@ -177,22 +178,7 @@ class Receiver:
 async def read_request(reader: asyncio.StreamReader) -> bytes:
     """One request's body (Content-Length or chunked)."""
     head = await reader.readuntil(b"\r\n\r\n")
-    length, chunked = 0, False
-    for line in head.decode("latin-1").split("\r\n")[1:]:
-        name, _, value = line.partition(":")
-        name = name.strip().lower()
-        if name == "content-length":
-            length = int(value)
-        elif name == "transfer-encoding" and "chunked" in value.lower():
-            chunked = True
-    if not chunked:
-        return await reader.readexactly(length) if length else b""
-    parts = []
-    while True:
-        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-        parts.append((await reader.readexactly(size + 2))[:-2])
-        if size == 0:
-            return b"".join(parts)
+    return await read_body(reader, head.decode("latin-1").split("\r\n")[1:])
 
 
 def parse_notification(at: float, body: bytes) -> Notification:
@@ -500,6 +486,18 @@ class Bench:
         def ms(values: list[float], q: float) -> float | None:
             return percentile_ms(sorted(values), q)
 
+        def delivered(name: str, phase: Any, seconds: float) -> dict[str, Any]:
+            """What one phase's events did: how many, how fast, how late."""
+            late, after = latencies[name], after_response[name]
+            return {"expected": len(phase.writes) * len(self.receivers),
+                    "received": received[name], "seconds": round(seconds, 3),
+                    "events_per_s": round(received[name] / seconds, 1) if seconds > 0
+                    else 0.0,
+                    "latency_p50_ms": ms(late, 0.50), "latency_p90_ms": ms(late, 0.90),
+                    "latency_p99_ms": ms(late, 0.99), "latency_max_ms": ms(late, 1.0),
+                    "after_response_p50_ms": ms(after, 0.50),
+                    "after_response_p99_ms": ms(after, 0.99)}
+
         return {
             "subscribers": len(self.receivers), "concurrency": self.spec.concurrency,
             "max_count": self.spec.max_count, "filter": self.spec.filter,
@@ -510,28 +508,9 @@ class Bench:
                        if write_seconds > 0 else 0.0,
                        "p50_ms": ms(burst.latencies, 0.50),
                        "p99_ms": ms(burst.latencies, 0.99)},
-            "delivery": {
-                "expected": len(burst.writes) * len(self.receivers),
-                "received": received["burst"], "seconds": round(seconds, 3),
-                "events_per_s": round(received["burst"] / seconds, 1) if seconds > 0 else 0.0,
-                "latency_p50_ms": ms(latencies["burst"], 0.50),
-                "latency_p90_ms": ms(latencies["burst"], 0.90),
-                "latency_p99_ms": ms(latencies["burst"], 0.99),
-                "latency_max_ms": ms(latencies["burst"], 1.0),
-                "after_response_p50_ms": ms(after_response["burst"], 0.50),
-                "after_response_p99_ms": ms(after_response["burst"], 0.99)},
-            "light": {
-                "tasks": len(light.writes), "errors": light.errors,
-                "expected": len(light.writes) * len(self.receivers),
-                "received": received["light"], "seconds": round(light_seconds, 3),
-                "events_per_s": round(received["light"] / light_seconds, 1)
-                if light_seconds > 0 else 0.0,
-                "latency_p50_ms": ms(latencies["light"], 0.50),
-                "latency_p90_ms": ms(latencies["light"], 0.90),
-                "latency_p99_ms": ms(latencies["light"], 0.99),
-                "latency_max_ms": ms(latencies["light"], 1.0),
-                "after_response_p50_ms": ms(after_response["light"], 0.50),
-                "after_response_p99_ms": ms(after_response["light"], 0.99)},
+            "delivery": delivered("burst", burst, seconds),
+            "light": {"tasks": len(light.writes), "errors": light.errors,
+                      **delivered("light", light, light_seconds)},
             "check": {"events_per_subscriber": expected, "missing": missing_total,
                       "duplicates": duplicates_total, "unexpected": strangers_total,
                       "complete": missing_total == 0, "notifications": notifications,
