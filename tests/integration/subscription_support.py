@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import http.server
 import json
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -136,8 +138,17 @@ class Receiver:
             if time.monotonic() > deadline:
                 kinds = [(r.path, r.kind, [e["event-number"] for e in r.events])
                          for r in self.received]
-                raise AssertionError(f"timed out; received so far: {kinds}")
+                raise AssertionError(f"timed out; received so far: {kinds}\n"
+                                     f"{_threads_now()}")
             time.sleep(0.02)
+
+
+def _threads_now() -> str:
+    """Where every thread of this process is: what a timed-out wait was waiting behind."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return "\n".join(f"--- thread {names.get(ident, ident)}\n"
+                     + "".join(traceback.format_stack(frame)[-8:])
+                     for ident, frame in sys._current_frames().items())
 
 
 @contextmanager
