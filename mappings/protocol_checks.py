@@ -1,5 +1,6 @@
 """Checks between the parts of a protocol: unique ids, known roles, stage references that
-resolve to the right stages, and no dependency cycle through `after`.
+resolve to the right stages, no dependency cycle through `after`, and one stage at most
+that `assigns` the chain of identity.
 
 Rules from orchestration/PROTOCOLS.md: `after` and `ends-before` name siblings; a loop
 exists only through `on-failure`, whose `back-to` names a stage the failing stage depends
@@ -15,7 +16,8 @@ from mappings.protocol_model import FHIR_ID_LENGTH, ID_PATTERN, Problem, Protoco
 
 
 def check_protocol(protocol: Protocol) -> list[Problem]:
-    problems = [*_duplicates(protocol), *_id_lengths(protocol), *_roles(protocol)]
+    problems = [*_duplicates(protocol), *_id_lengths(protocol), *_roles(protocol),
+                *_assigns(protocol)]
     known = {stage.id for stage in protocol.all_stages() if stage.id}
     _check_group(protocol.stages, frozenset(), known, problems)
     return problems
@@ -53,6 +55,21 @@ def _roles(protocol: Protocol) -> Iterable[Problem]:
     for key, ref in named:
         if ref is not None and ref.name not in codes:
             yield Problem(ref.line, f"`{key}`: unknown role '{ref.name}' ({declared})")
+
+
+def _assigns(protocol: Protocol) -> Iterable[Problem]:
+    """An enrolment has one chain of identity: one stage at most may assign it."""
+    first: dict[str, tuple[str, int]] = {}
+    for stage in protocol.all_stages():
+        ref = stage.assigns
+        if ref is None:
+            continue
+        if ref.name in first:
+            other, line = first[ref.name]
+            yield Problem(ref.line, f"`assigns`: {ref.name} is already assigned by stage "
+                          f"'{other}' (line {line}); only one stage may assign it")
+        else:
+            first[ref.name] = (stage.id, ref.line)
 
 
 @dataclass

@@ -7,7 +7,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from mappings.protocol_model import KINDS, Duration, OnFailure, Protocol, Ref, Role, Stage
+from mappings.protocol_model import (
+    KINDS,
+    Duration,
+    Handoff,
+    OnFailure,
+    Protocol,
+    Ref,
+    Role,
+    SignatureRule,
+    Stage,
+)
 
 ATM = "https://atm-gateway.org/fhir"
 PARTNER_ROLES = f"{ATM}/CodeSystem/partner-role"
@@ -15,6 +25,8 @@ STAGE_CODES = f"{ATM}/CodeSystem/stage"
 ESCALATION_ROLE = f"{ATM}/StructureDefinition/escalation-role"
 PARTNER_ROLE = f"{ATM}/StructureDefinition/partner-role"
 ON_FAILURE = f"{ATM}/StructureDefinition/on-failure"
+ASSIGNS = f"{ATM}/StructureDefinition/assigns"
+CUSTODY_HANDOFF = f"{ATM}/StructureDefinition/custody-handoff"
 PLAN_TYPES = "http://terminology.hl7.org/CodeSystem/plan-definition-type"
 UCUM = "http://unitsofmeasure.org"
 FHIRPATH = "text/fhirpath"
@@ -75,6 +87,28 @@ def _on_failure(on_failure: OnFailure) -> Json:
     ]}
 
 
+def _assigns(code: str) -> Json:
+    return {"url": ASSIGNS, "valueCode": code}
+
+
+def _signatures(meanings: tuple[str, ...]) -> list[Json]:
+    return [{"url": "signature", "valueCode": meaning} for meaning in meanings]
+
+
+def _where(rule: SignatureRule) -> Json:
+    place = ({"url": "country", "valueCode": rule.country} if rule.country is not None
+             else {"url": "site", "valueReference": {"reference": rule.site}})
+    return {"url": "where", "extension": [place, *_signatures(rule.signatures)]}
+
+
+def _custody_handoff(handoff: Handoff) -> Json:
+    return {"url": CUSTODY_HANDOFF, "extension": [
+        {"url": "event", "valueCode": handoff.event},
+        *_signatures(handoff.signatures),
+        *(_where(rule) for rule in handoff.where),
+    ]}
+
+
 def plan_definition(protocol: Protocol) -> Json:
     extensions = [_partner_role(role) for role in protocol.roles]
     if protocol.escalation is not None:
@@ -101,6 +135,9 @@ def action(protocol: Protocol, stage: Stage) -> Json:
         extensions.append(_escalation(stage.escalate.name))
     if stage.on_failure is not None:
         extensions.append(_on_failure(stage.on_failure))
+    if stage.assigns is not None:
+        extensions.append(_assigns(stage.assigns.name))
+    extensions += [_custody_handoff(handoff) for handoff in stage.custody]
     return _drop_empty({
         "id": stage.id,
         "extension": extensions,

@@ -13,6 +13,14 @@ ID_PATTERN = re.compile(r"[a-z0-9-]{1,64}")
 KINDS = {"task": "Task", "service-request": "ServiceRequest", "appointment": "Appointment"}
 MAX_REPEATS = range(1, 11)
 FHIR_ID_LENGTH = 64
+ASSIGNS = ("chain-of-identity",)
+# CodeSystem ATM/CodeSystem/custody-event: the custody handoffs a stage may record.
+CUSTODY_EVENTS = ("collection", "pick-up", "hand-over", "receipt-at-manufacturing", "release",
+                  "receipt-at-site", "thaw", "infusion")
+# CodeSystem ATM/CodeSystem/signature-meaning: what a signature on a handoff attests.
+SIGNATURE_MEANINGS = ("released", "received", "verified", "witnessed", "performed")
+COUNTRY_PATTERN = re.compile(r"[A-Z]{2}")  # ISO 3166-1 alpha-2
+SITE_PATTERN = re.compile(r"Location/[A-Za-z0-9\-.]{1,64}")
 
 
 @dataclass(frozen=True, order=True)
@@ -37,7 +45,8 @@ class ProtocolError(ValueError):
 
 @dataclass(frozen=True)
 class Ref:
-    """A name that must resolve elsewhere (a stage or a role), and where it was written."""
+    """A name that must resolve elsewhere (a stage or a role), or a code checked across
+    stages (`assigns`), and where it was written."""
 
     name: str
     line: int
@@ -70,6 +79,26 @@ class OnFailure:
 
 
 @dataclass(frozen=True)
+class SignatureRule:
+    """A `where` override of a handoff's signatures: in one country or at one site."""
+
+    signatures: tuple[str, ...]
+    line: int
+    country: str | None = None
+    site: str | None = None  # "Location/<id>"
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A `custody` entry: a handoff the stage records and the signature meanings it needs."""
+
+    event: str
+    line: int
+    signatures: tuple[str, ...] = ()
+    where: tuple[SignatureRule, ...] = ()
+
+
+@dataclass(frozen=True)
 class Stage:
     """One stage; `id` is "" when the file gave none (a problem is reported for it)."""
 
@@ -85,6 +114,8 @@ class Stage:
     when: str | None = None
     escalate: Ref | None = None
     on_failure: OnFailure | None = None
+    assigns: Ref | None = None  # "chain-of-identity": assigned when the stage completes
+    custody: tuple[Handoff, ...] = ()
     steps: tuple[Stage, ...] = ()
 
     @property

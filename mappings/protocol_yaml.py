@@ -16,27 +16,37 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from mappings.fhirpath_syntax import syntax_error
 from mappings.protocol_model import (
+    ASSIGNS,
+    COUNTRY_PATTERN,
+    CUSTODY_EVENTS,
     ID_PATTERN,
     KINDS,
     MAX_REPEATS,
+    SIGNATURE_MEANINGS,
+    SITE_PATTERN,
     After,
     Duration,
     EndsBefore,
+    Handoff,
     OnFailure,
     Problem,
     Protocol,
     Ref,
     Role,
+    SignatureRule,
     Stage,
 )
 
 PROTOCOL_KEYS = ("protocol", "version", "title", "description", "roles", "escalation",
                  "stages")
 STAGE_KEYS = ("id", "title", "description", "kind", "role", "deadline", "after",
-              "ends-before", "when", "escalate", "on-failure", "steps")
+              "ends-before", "when", "escalate", "on-failure", "assigns", "custody", "steps")
 AFTER_KEYS = ("stage", "gap")
 ENDS_BEFORE_KEYS = ("stage", "by")
 ON_FAILURE_KEYS = ("back-to", "max-repeats")
+CUSTODY_KEYS = ("event", "signatures", "where")
+WHERE_KEYS = ("country", "site", "signatures")
+NO_SIGNATURE = "write [] when none is needed"
 DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(min|h|d|wk)")
 DURATION_HELP = "write a number and a unit: 30min, 12h, 3d or 2wk"
 NULL = "tag:yaml.org,2002:null"
@@ -215,6 +225,8 @@ class _Reader:
             when=self.when(found.get("when")),
             escalate=self.ref(found.get("escalate"), "escalate"),
             on_failure=self.on_failure(found.get("on-failure")),
+            assigns=self.assigns(found.get("assigns")),
+            custody=self.custody(found.get("custody"), stage_id),
             steps=self.stage_list(found.get("steps"), "steps"),
         )
 
@@ -301,3 +313,129 @@ class _Reader:
             self.report(node, f"`max-repeats` must be a whole number from 1 to 10, not {shown}")
             return None
         return int(value)
+
+    def assigns(self, node: Node | None) -> Ref | None:
+        value = self.ref(node, "assigns")
+        if value is not None and value.name not in ASSIGNS:
+            self.report(value.line, f"`assigns` must be {' or '.join(ASSIGNS)}, "
+                        f"not '{value.name}'")
+            return None
+        return value
+
+    # -- custody handoffs ------------------------------------------------------------
+    def custody(self, node: Node | None, stage_id: str | None) -> tuple[Handoff, ...]:
+        if node is None or _is_null(node):
+            return ()
+        if not isinstance(node, SequenceNode):
+            self.report(node, "`custody` must be a list of handoffs, each with an `event` and "
+                        "its `signatures`")
+            return ()
+        first: dict[str, int] = {}
+        handoffs = []
+        for item in node.value:
+            handoff = self.handoff(item)
+            if handoff is None:
+                continue
+            if handoff.event in first:
+                in_stage = f" in stage '{stage_id}'" if stage_id else ""
+                self.report(handoff.line, f"custody event '{handoff.event}' is given twice"
+                            f"{in_stage} (first at line {first[handoff.event]})")
+                continue
+            first[handoff.event] = handoff.line
+            handoffs.append(handoff)
+        return tuple(handoffs)
+
+    def handoff(self, node: Node) -> Handoff | None:
+        fields = self.fields(node, CUSTODY_KEYS, "a `custody` entry")
+        if not isinstance(node, MappingNode):
+            return None
+        event_node = fields.get("event")
+        event = self.text(event_node, "event")
+        if event is None:
+            self.report(event_node or node, "a `custody` entry needs an `event`")
+        elif event not in CUSTODY_EVENTS:
+            self.report(event_node or node, f"`event`: unknown custody event '{event}'"
+                        f"{_suggest(event, CUSTODY_EVENTS)}")
+            event = None
+        signatures = self.signatures(fields.get("signatures"), node, "a `custody` entry")
+        where = self.where(fields.get("where"))
+        if event is None or event_node is None or signatures is None:
+            return None
+        return Handoff(event, _line(event_node), signatures, where)
+
+    def signatures(self, node: Node | None, parent: Node, what: str
+                   ) -> tuple[str, ...] | None:
+        """The signature meanings a handoff needs; None when missing or unreadable."""
+        if node is None or _is_null(node):
+            self.report(node or parent, f"{what} needs `signatures` ({NO_SIGNATURE})")
+            return None
+        if not isinstance(node, SequenceNode):
+            shown = "text" if isinstance(node, ScalarNode) else f"a {_shape(node)}"
+            self.report(node, f"`signatures` must be a list of signature meanings "
+                        f"({NO_SIGNATURE}), not {shown}")
+            return None
+        meanings: list[str] = []
+        readable = True
+        for item in node.value:
+            meaning = self.text(item, "signatures")
+            if meaning is None:
+                readable = False
+            elif meaning not in SIGNATURE_MEANINGS:
+                self.report(item, f"`signatures`: unknown signature meaning '{meaning}'"
+                            f"{_suggest(meaning, SIGNATURE_MEANINGS)}")
+                readable = False
+            elif meaning in meanings:
+                self.report(item, f"`signatures`: '{meaning}' is given twice")
+            else:
+                meanings.append(meaning)
+        return tuple(meanings) if readable else None
+
+    def where(self, node: Node | None) -> tuple[SignatureRule, ...]:
+        if node is None or _is_null(node):
+            return ()
+        if not isinstance(node, SequenceNode):
+            self.report(node, "`where` must be a list of overrides, each with a `country` or "
+                        "a `site` and its `signatures`")
+            return ()
+        first: dict[tuple[str, str], int] = {}
+        rules = []
+        for item in node.value:
+            rule = self.signature_rule(item)
+            if rule is None:
+                continue
+            key = ("country", rule.country) if rule.country else ("site", rule.site or "")
+            if key in first:
+                self.report(rule.line, f"`where`: {key[0]} '{key[1]}' is given twice (first "
+                            f"at line {first[key]}; only the first match applies)")
+                continue
+            first[key] = rule.line
+            rules.append(rule)
+        return tuple(rules)
+
+    def signature_rule(self, node: Node) -> SignatureRule | None:
+        fields = self.fields(node, WHERE_KEYS, "a `where` entry")
+        if not isinstance(node, MappingNode):
+            return None
+        country_node, site_node = fields.get("country"), fields.get("site")
+        country = self.text(country_node, "country")
+        site = self.text(site_node, "site")
+        readable = True
+        if country is not None and site is not None:
+            self.report(node, "a `where` entry names a `country` or a `site`, not both")
+            readable = False
+        elif country is None and site is None:
+            self.report(node, "a `where` entry needs a `country` (ISO 3166 alpha-2) or a "
+                        "`site` (Location/<id>)")
+            readable = False
+        if country is not None and not COUNTRY_PATTERN.fullmatch(country):
+            self.report(country_node or node, f"`country` '{country}' must be an ISO 3166 "
+                        "alpha-2 code: two upper-case letters, such as DE")
+            readable = False
+        if site is not None and not SITE_PATTERN.fullmatch(site):
+            self.report(site_node or node, f"`site` '{site}' must be a Location reference: "
+                        "Location/ and an id of 1 to 64 letters, digits, '-' or '.'")
+            readable = False
+        signatures = self.signatures(fields.get("signatures"), node, "a `where` entry")
+        if not readable or signatures is None:
+            return None
+        return SignatureRule(signatures, _line(node), country=country, site=site)

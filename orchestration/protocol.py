@@ -3,6 +3,7 @@ PlanDefinition, see orchestration/PROTOCOLS.md). Pure: dicts in, frozen values o
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -15,6 +16,17 @@ ON_FAILURE = EXT + "on-failure"
 PARTNER_ROLE = EXT + "partner-role"
 ROLE_SYSTEM = f"{ATM}/CodeSystem/partner-role"
 STAGE_SYSTEM = f"{ATM}/CodeSystem/stage"
+ASSIGNS = EXT + "assigns"
+CUSTODY_HANDOFF = EXT + "custody-handoff"
+
+# What a stage's completion may assign to the enrolment.
+ASSIGNABLE = ("chain-of-identity",)
+# CodeSystem ATM/CodeSystem/custody-event and ATM/CodeSystem/signature-meaning.
+CUSTODY_EVENTS = ("collection", "pick-up", "hand-over", "receipt-at-manufacturing", "release",
+                  "receipt-at-site", "thaw", "infusion")
+SIGNATURE_MEANINGS = ("released", "received", "verified", "witnessed", "performed")
+_COUNTRY = re.compile(r"[A-Z]{2}")
+_SITE = re.compile(r"Location/[A-Za-z0-9\-.]{1,64}")
 
 # UCUM units a duration may be written in, as timedelta keyword arguments.
 _UNITS = {"s": "seconds", "min": "minutes", "h": "hours", "d": "days", "wk": "weeks"}
@@ -39,6 +51,34 @@ class OnFailure:
 
 
 @dataclass(frozen=True)
+class SignatureRule:
+    """An override of a handoff's signatures at one site or in one country."""
+
+    signatures: tuple[str, ...]
+    country: str | None = None
+    site: str | None = None  # "Location/<id>"
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A custody handoff a stage records, and the signature meanings it needs by default."""
+
+    event: str
+    signatures: tuple[str, ...]
+    where: tuple[SignatureRule, ...] = ()
+
+    def required(self, country: str | None, site: str | None) -> tuple[str, ...]:
+        """The meanings needed for this handoff at this site (a Location reference) or in
+        this country: the first matching override, else the default."""
+        country = country.upper() if country else None
+        for rule in self.where:
+            if ((rule.country is not None and rule.country == country)
+                    or (rule.site is not None and rule.site == site)):
+                return rule.signatures
+        return self.signatures
+
+
+@dataclass(frozen=True)
 class Stage:
     id: str
     title: str
@@ -53,6 +93,12 @@ class Stage:
     on_failure: OnFailure | None = None
     parent: str | None = None
     children: tuple[str, ...] = ()
+    assigns: str | None = None  # "chain-of-identity": assigned when the stage's Task completes
+    handoffs: tuple[Handoff, ...] = ()
+
+    def handoff(self, event: str) -> Handoff | None:
+        """The custody handoff `event` this stage records, if it records one."""
+        return next((h for h in self.handoffs if h.event == event), None)
 
 
 @dataclass(frozen=True)
@@ -143,6 +189,86 @@ def _on_failure(action: dict[str, Any]) -> OnFailure | None:
     return OnFailure(back_to, repeats)
 
 
+def _assigns(action: dict[str, Any]) -> str | None:
+    extension = _extension(action, ASSIGNS)
+    if extension is None:
+        return None
+    code = extension.get("valueCode")
+    if code not in ASSIGNABLE:
+        raise ProtocolFormError(f"action {action.get('id')}: assigns has valueCode {code!r}; "
+                                f"supported: {', '.join(ASSIGNABLE)}")
+    return str(code)
+
+
+def _code(part: dict[str, Any], allowed: tuple[str, ...], where: str) -> str:
+    code = part.get("valueCode")
+    if code not in allowed:
+        raise ProtocolFormError(f"{where}: {part.get('url')} has valueCode {code!r}; "
+                                f"supported: {', '.join(allowed)}")
+    return str(code)
+
+
+def _meanings(parts: list[dict[str, Any]], where: str) -> tuple[str, ...]:
+    meanings = tuple(_code(p, SIGNATURE_MEANINGS, where) for p in parts
+                     if p.get("url") == "signature")
+    if len(set(meanings)) != len(meanings):
+        raise ProtocolFormError(f"{where}: a signature meaning is given twice")
+    return meanings
+
+
+def _unknown(urls: list[Any], known: tuple[str, ...]) -> str:
+    """The sub-extensions not in `known`, as " (unknown: a, b)"; "" when there are none."""
+    unknown = sorted({str(url) for url in urls if url not in known})
+    return f" (unknown: {', '.join(unknown)})" if unknown else ""
+
+
+def _signature_rule(extension: dict[str, Any], where: str) -> SignatureRule:
+    parts = extension.get("extension", [])
+    urls = [p.get("url") for p in parts]
+    unknown = _unknown(urls, ("country", "site", "signature"))
+    if unknown or urls.count("country") + urls.count("site") != 1:
+        raise ProtocolFormError(f"{where}: a where needs one country or one site, and its "
+                                f"signatures{unknown}")
+    country = site = None
+    for part in parts:
+        if part.get("url") == "country":
+            country = part.get("valueCode")
+            if not isinstance(country, str) or not _COUNTRY.fullmatch(country):
+                raise ProtocolFormError(f"{where}: where country {country!r} is not an ISO "
+                                        "3166 alpha-2 code in upper case")
+        elif part.get("url") == "site":
+            site = (part.get("valueReference") or {}).get("reference")
+            if not isinstance(site, str) or not _SITE.fullmatch(site):
+                raise ProtocolFormError(f"{where}: where site {site!r} is not a Location "
+                                        "reference")
+    return SignatureRule(_meanings(parts, where), country=country, site=site)
+
+
+def _handoff(extension: dict[str, Any], where: str) -> Handoff:
+    parts = extension.get("extension", [])
+    urls = [p.get("url") for p in parts]
+    unknown = _unknown(urls, ("event", "signature", "where"))
+    if unknown or urls.count("event") != 1:
+        raise ProtocolFormError(f"{where}: custody-handoff needs one event{unknown}")
+    event = _code(next(p for p in parts if p.get("url") == "event"), CUSTODY_EVENTS, where)
+    where = f"{where} custody-handoff {event}"
+    return Handoff(event, _meanings(parts, where),
+                   tuple(_signature_rule(p, where) for p in parts if p.get("url") == "where"))
+
+
+def _handoffs(action: dict[str, Any]) -> tuple[Handoff, ...]:
+    where = f"action {action.get('id')}"
+    handoffs: list[Handoff] = []
+    for extension in action.get("extension", []):
+        if extension.get("url") != CUSTODY_HANDOFF:
+            continue
+        handoff = _handoff(extension, where)
+        if any(h.event == handoff.event for h in handoffs):
+            raise ProtocolFormError(f"{where}: custody-handoff {handoff.event} is given twice")
+        handoffs.append(handoff)
+    return tuple(handoffs)
+
+
 def _kind(definition: str | None, kinds: dict[str, str]) -> str:
     if definition is None:
         return "Task"
@@ -168,7 +294,8 @@ def _stages(actions: list[dict[str, Any]], parent: str | None,
             condition=_condition(action),
             escalation_role=escalation.get("valueCode") if escalation else None,
             on_failure=_on_failure(action), parent=parent,
-            children=tuple(child.get("id", "") for child in children))
+            children=tuple(child.get("id", "") for child in children),
+            assigns=_assigns(action), handoffs=_handoffs(action))
         yield from _stages(children, stage_id, kinds)
 
 
@@ -194,6 +321,7 @@ def from_plan_definition(plan: dict[str, Any],
             raise ProtocolFormError(f"action id {stage.id} is used twice")
         stages[stage.id] = stage
     _check_links(stages)
+    _check_assigns(stages)
     escalation = _extension(plan, ESCALATION_ROLE)
     return Protocol(url=plan["url"], version=plan.get("version"),
                     title=plan.get("title") or plan["url"], stages=stages,
@@ -210,3 +338,10 @@ def _check_links(stages: dict[str, Stage]) -> None:
         if stage.on_failure and stage.on_failure.back_to not in stages:
             raise ProtocolFormError(f"action {stage.id}: on-failure goes back to unknown "
                                     f"action {stage.on_failure.back_to}")
+
+
+def _check_assigns(stages: dict[str, Stage]) -> None:
+    assigning = [stage.id for stage in stages.values() if stage.assigns is not None]
+    if len(assigning) > 1:
+        raise ProtocolFormError(f"actions {', '.join(assigning)} all assign the chain of "
+                                "identity; one at most may")

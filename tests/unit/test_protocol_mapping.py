@@ -397,10 +397,13 @@ def test_car_t_follows_the_reference_journey() -> None:
     actions = {a["id"]: a for a in compiled.plan_definition["action"]}
     assert {r["actionId"] for r in actions["manufacturer-approval"]["relatedAction"]} == {
         "eligibility", "consent", "benefits"}
-    assert actions["qc-release"]["extension"] == [{
-        "url": f"{ATM}/StructureDefinition/on-failure",
-        "extension": [{"url": "back-to", "valueId": "apheresis"},
-                      {"url": "max-repeats", "valueUnsignedInt": 2}]}]
+    assert actions["qc-release"]["extension"] == [
+        {"url": f"{ATM}/StructureDefinition/on-failure",
+         "extension": [{"url": "back-to", "valueId": "apheresis"},
+                       {"url": "max-repeats", "valueUnsignedInt": 2}]},
+        {"url": f"{ATM}/StructureDefinition/custody-handoff",
+         "extension": [{"url": "event", "valueCode": "release"},
+                       {"url": "signature", "valueCode": "released"}]}]
     assert {"actionId": "infusion", "relationship": "before-start",
             "offsetDuration": _duration(2, "d")} in actions["lymphodepletion"]["relatedAction"]
     assert "condition" in actions["bridging"]
