@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     is replaced by another after this long."""
     subscription_poll_seconds: float = 0.2
     """How soon delivery sees a change made by another process."""
+    coi_facility: str = "A9999"
+    """The ISBT 128 Facility Identification Number (FIN) that chain-of-identity codes
+    begin with: the one ICCBBA assigned to the facility that issues them."""
     load_protocols: bool = True
     """Load the shipped protocols (orchestration/protocols/*.yaml) at start-up."""
     log_level: str = "INFO"

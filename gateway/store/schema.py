@@ -203,6 +203,23 @@ subscription_ws_tokens = Table(
     Column("expires_at", BigInteger, nullable=False),
 )
 
+# Chain-of-identity codes (gateway/custody/coi.py): one per enrolment, never reused.
+chains_of_identity = Table(
+    "chains_of_identity", metadata,
+    Column("value", String(16), primary_key=True),  # compact, with its check character
+    Column("careplan_id", String(ID), nullable=False, unique=True),
+    Column("patient_id", String(ID), nullable=True),
+    Column("assigned_at", BigInteger, nullable=False),
+)
+
+# The last sequence number given per facility (FIN) and year: codes are numbered in order.
+coi_sequences = Table(
+    "coi_sequences", metadata,
+    Column("facility", String(8), primary_key=True),
+    Column("year", Integer, primary_key=True),
+    Column("last", Integer, nullable=False),
+)
+
 conditional_keys = Table(
     "conditional_keys", metadata,
     Column("res_type", String(TYPE), nullable=False, primary_key=True),
