@@ -148,15 +148,19 @@ def worker(orchestrate: bool = typer.Option(True, help="Advance enrolments too, 
         db.dispose()
 
 
+
 @app.command()
 def demo(server: str = typer.Option("http://127.0.0.1:8080/fhir", help="FHIR base URL of "
                                     "a running `atm serve`"),
          patients: int = typer.Option(3, min=1, max=50, help="Synthetic patients, spread "
                                       "over the server's protocols"),
          timeout: float = typer.Option(300.0, help="Give up after this many seconds "
-                                       "without every journey finished")) -> None:
+                                       "without every journey finished"),
+         report: str = typer.Option("var/custody-report.html", help="Where to write "
+                                     "the custody report of one finished journey")) -> None:
     """Play whole therapy journeys against a running server: enrol patients, act as
-    every partner (one QC release fails and is repeated), and sum up. When the server
+    every partner (one QC release fails and is repeated; custody handoffs are signed with
+    each partner's key), sum up, and write one patient's custody report. When the server
     asks for tokens, the demo registers its partners' clients in ATM_DATABASE_URL (the
     server's database: run it beside the server)."""
     import httpx
@@ -166,7 +170,8 @@ def demo(server: str = typer.Option("http://127.0.0.1:8080/fhir", help="FHIR bas
 
     db = _database()
     try:
-        summary = run_demo(server, patients, typer.echo, timeout=timeout, db=db)
+        summary = run_demo(server, patients, typer.echo, timeout=timeout, db=db,
+                           report=Path(report))
     except (DemoError, TokenError, httpx.HTTPError) as exc:
         typer.echo(f"demo stopped: {exc}", err=True)
         raise typer.Exit(1) from exc

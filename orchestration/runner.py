@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
+from gateway.custody import coi
 from gateway.errors import FhirError
 from gateway.services.context import Context
 from gateway.services.protocols import plan_definition_id, protocol_from_store
@@ -41,6 +42,7 @@ log = logging.getLogger("atm.orchestrator")
 
 ACTOR = Actor(name="orchestrator")
 CURSOR = "orchestrator"
+ASSIGNS_COI = "chain-of-identity"  # a stage whose completion assigns the enrolment's code
 CURSOR_SAVE_SECONDS = 1.0
 ROUND_GAP_SECONDS = 0.01
 """After a round that found changes, the next ones are left to gather this long: under
@@ -181,6 +183,7 @@ class Orchestrator:
                 effects = decide(protocol, state, now)
                 if effects:
                     Writer(ctx, protocol, state, now).apply(effects)
+                _assign_coi_when_due(ctx, repo, protocol, state)
                 return Advance(careplan_id, effects)
         except FhirError as exc:  # e.g. a Task a partner changed while we decided
             log.warning("advancing CarePlan/%s was refused (%s); it is retried on the "
@@ -323,6 +326,17 @@ def running_beside(db: Database, settings: Settings) -> Iterator[Orchestrator | 
     finally:
         stop.set()
         thread.join(timeout=30)
+
+
+def _assign_coi_when_due(ctx: Context, repo: Repository, protocol: Protocol,
+                         state: PlanState) -> None:
+    """Once the protocol's assignment step is done, the enrolment gets its chain of
+    identity (after the step's other writes, so that the Tasks just made carry it too)."""
+    if coi.coi_of(state.careplan) is not None:
+        return
+    if any(stage.assigns == ASSIGNS_COI and (run := state.runs.get(stage.id)) is not None
+           and run.outcome == "done" for stage in protocol.stages.values()):
+        coi.assign(ctx, repo, state.careplan_id)
 
 
 def _may_move_a_plan(change: Any) -> bool:

@@ -116,7 +116,8 @@ def _skipped_runs(careplan: dict[str, Any]) -> Iterable[Run]:
             yield Run(stage, int(number), "skipped")
 
 
-def _assignments(careplan: dict[str, Any]) -> dict[str, str]:
+def role_assignments(careplan: dict[str, Any]) -> dict[str, str]:
+    """Role -> Organization reference, as the enrolment assigned them."""
     assigned = {}
     for extension in careplan.get("extension", []):
         if extension.get("url") != ROLE_ASSIGNMENT:
@@ -138,4 +139,4 @@ def plan_state(careplan: dict[str, Any], tasks: Iterable[dict[str, Any]],
     for run in candidates:
         if run.stage not in runs or run.number > runs[run.stage].number:
             runs[run.stage] = run
-    return PlanState(careplan, patient, runs, _assignments(careplan))
+    return PlanState(careplan, patient, runs, role_assignments(careplan))

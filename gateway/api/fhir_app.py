@@ -117,7 +117,7 @@ class FhirEndpoint:
         body = result.body or b""
         raw = [(name.lower().encode("latin-1"), value.encode("latin-1"))
                for name, value in result.headers.items()]
-        if result.body is not None:
+        if result.body is not None and "Content-Type" not in result.headers:
             raw.append((b"content-type", _FHIR_JSON_UTF8))
             if len(body) >= GZIP_MIN_BYTES and "gzip" in headers.get("accept-encoding", ""):
                 body = gzip.compress(body, compresslevel=GZIP_LEVEL)
@@ -140,7 +140,8 @@ async def respond(request: Request) -> Response:
         return unexpected_response(request)
     if result.body is None:
         return Response(status_code=result.status, headers=result.headers)
-    return Response(result.body, result.status, result.headers, media_type=FHIR_JSON_UTF8)
+    return Response(result.body, result.status, result.headers,
+                    media_type=result.headers.get("Content-Type", FHIR_JSON_UTF8))
 
 
 async def _grant(db: Any, headers: dict[str, str], path: str) -> Grant | None:
@@ -215,8 +216,8 @@ async def _serve(app: Any, scope: Scope, receive: Receive, headers: dict[str, st
                  audit: RequestAudit | None) -> FhirResponse:
     settings, db = app.state.settings, app.state.db
     query = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
-    check_accept(query, headers)
     path = scope["path"][len(PREFIX):].strip("/")
+    check_accept(query, headers, html=path.endswith("$custody-report"))
     method = "GET" if scope["method"] == "HEAD" else scope["method"]
     body = await read_body(scope["method"], headers, receive, settings.max_body_bytes)
     fhir_request = FhirRequest(method=method, path=path, query=query, headers=headers,
@@ -236,6 +237,7 @@ async def _serve(app: Any, scope: Scope, receive: Receive, headers: dict[str, st
         result = await db.write_on_loop(handle, ctx, fhir_request)
     else:
         result = await run_in_threadpool(handle, ctx, fhir_request)
-    if grant is not None and grant.client.role in BLIND_ROLES and result.body:
+    if grant is not None and grant.client.role in BLIND_ROLES and result.body \
+            and "Content-Type" not in result.headers:  # JSON (the HTML report is its own)
         result.body = redact(result.body)
     return result

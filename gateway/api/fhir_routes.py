@@ -101,3 +101,8 @@ def _add_routes() -> None:
     _route("/{type}/{id}/_history/{vid}", ["GET"], "vread", params=[_TYPE, _ID, _VID])
     _route("/{type}/{id}/$validate", ["POST"], "$validate an instance", params=[_TYPE, _ID],
            body=_RESOURCE_BODY)
+    _route("/{type}/{id}/$custody-report", ["GET"], "chain of identity and custody of a "
+           "CarePlan, BiologicallyDerivedProduct or Specimen (a Bundle; _format=html or "
+           "Accept: text/html for the printable document)", params=[_TYPE, _ID])
+    _route("/Provenance/{id}/$verify-signatures", ["GET"], "verify a custody record's "
+           "signatures against the versions they cover (a Parameters)", params=[_ID])

@@ -17,6 +17,7 @@ FHIR_JSON_UTF8 = "application/fhir+json; charset=utf-8"
 _JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir", "*/*",
                "application/*", "text/json")
 _FORMATS = {"json", "application/json", "application/fhir+json", "application/json+fhir"}
+_HTML_FORMATS = {"html", "text/html"}
 _BODILESS = ("GET", "HEAD", "DELETE")
 
 
@@ -25,16 +26,19 @@ def header_dict(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
 
-def check_accept(query: list[tuple[str, str]], headers: dict[str, str]) -> None:
-    """We answer JSON only: a client that accepts only XML (or asks _format=xml) gets 406."""
+def check_accept(query: list[tuple[str, str]], headers: dict[str, str],
+                 html: bool = False) -> None:
+    """We answer JSON only (and HTML where `html`: the printable custody report): a
+    client that accepts only XML (or asks _format=xml) gets 406."""
     fmt = next((v for k, v in reversed(query) if k == "_format"), None)
-    if fmt is not None and fmt not in _FORMATS:
+    if fmt is not None and fmt not in _FORMATS and not (html and fmt in _HTML_FORMATS):
         raise NotAcceptableError(f"_format={fmt} is not supported: this server speaks JSON")
     accept = headers.get("accept")
     if not accept:
         return
     media = [m.split(";")[0].strip().lower() for m in accept.split(",")]
-    if not any(m in _JSON_TYPES or m.endswith("+json") for m in media):
+    if not any(m in _JSON_TYPES or m.endswith("+json") or (html and m == "text/html")
+               for m in media):
         raise NotAcceptableError(f"Cannot answer in {accept}: this server speaks "
                                  "application/fhir+json")
 

@@ -23,6 +23,7 @@ ROLE_POLICIES: dict[str, dict[str, str]] = {
         **RECORDS, **PROTOCOLS, **DIRECTORY},
     "courier": {
         "Task": "rus", "Specimen": "rs", "BiologicallyDerivedProduct": "rs",
+        "Observation": "crus",  # data-logger readings of its shipments
         **RECORDS, **DIRECTORY},
     "manufacturer": {
         "ServiceRequest": "rus", "Task": "rus", "Specimen": "rus",
@@ -72,7 +73,7 @@ ROLE_INSTANCES: dict[str, dict[str, list[tuple[str, str]]]] = {
         "Provenance": SIGNED, "AuditEvent": SIGNED, "Subscription": SUBSCRIBED},
     "courier": {
         "Task": OWNED_TASKS, "Specimen": FOCUSED_BY_OWN_TASK,
-        "BiologicallyDerivedProduct": FOCUSED_BY_OWN_TASK,
+        "BiologicallyDerivedProduct": FOCUSED_BY_OWN_TASK, "Observation": PERFORMED,
         "Provenance": SIGNED, "AuditEvent": SIGNED, "Subscription": SUBSCRIBED},
     "manufacturer": {
         "ServiceRequest": PERFORMED, "Task": OWNED_TASKS, "Specimen": FOCUSED_BY_OWN_TASK,

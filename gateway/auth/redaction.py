@@ -14,12 +14,13 @@ PATIENT_DETAILS = ("name", "birthDate", "address", "telecom", "contact", "photo"
 PERSONS = frozenset({"Patient", "RelatedPerson"})  # the patient, and the people close to them
 
 
-def _clean(value: Any) -> Any:
+def clean(value: Any) -> Any:
+    """The value as a partner who works by chain of identity alone receives it."""
     if isinstance(value, list):
-        return [_clean(item) for item in value]
+        return [clean(item) for item in value]
     if not isinstance(value, dict):
         return value
-    cleaned = {key: _clean(item) for key, item in value.items()
+    cleaned = {key: clean(item) for key, item in value.items()
                # Narratives are free text that may name the patient, in any resource.
                if not (key == "text" and "resourceType" in value)}
     if cleaned.get("resourceType") in PERSONS:
@@ -33,4 +34,4 @@ def _clean(value: Any) -> Any:
 def redact(body: bytes) -> bytes:
     """The body with patient details removed wherever they appear (resources, Bundles,
     contained resources, reference displays)."""
-    return jsonio.dumps(_clean(jsonio.loads(body)))
+    return jsonio.dumps(clean(jsonio.loads(body)))

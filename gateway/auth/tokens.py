@@ -100,7 +100,8 @@ def claimed_client_id(assertion: str | None) -> str | None:
     return issuer[:64] if isinstance(issuer, str) else None
 
 
-def _key(client: Client, header: dict[str, Any], keys: JwksCache) -> RSAKey | ECKey:
+def client_key(client: Client, header: dict[str, Any], keys: JwksCache) -> RSAKey | ECKey:
+    """The registered key a JWS header names (kid, alg), or InvalidClientError."""
     alg, kid = header.get("alg"), header.get("kid")
     if alg not in ALGORITHMS:
         raise InvalidClientError(f"alg {alg!r} is not accepted")
@@ -152,7 +153,7 @@ def authenticate(db: Database, keys: JwksCache, assertion_type: str | None,
     client = get_client(db, client_id) if isinstance(client_id, str) else None
     if client is None or client.disabled:
         raise InvalidClientError(f"client {client_id!r} is unknown or disabled")
-    key = _key(client, header, keys)
+    key = client_key(client, header, keys)
     try:
         jwt.decode(assertion, key, algorithms=[header["alg"]])
     except (JoseError, ValueError) as exc:

@@ -107,6 +107,19 @@ def _subscription() -> dict[str, Any]:
     return resource
 
 
+# Operations some types have beside $validate (gateway/custody/report.py).
+EXTRA_OPERATIONS = {
+    "CarePlan": ("custody-report",), "BiologicallyDerivedProduct": ("custody-report",),
+    "Specimen": ("custody-report",), "Provenance": ("verify-signatures",)}
+
+
+def _with_operations(resource: dict[str, Any]) -> dict[str, Any]:
+    resource["operation"] += [
+        {"name": name, "definition": f"{ATM}/OperationDefinition/{resource['type']}-{name}"}
+        for name in EXTRA_OPERATIONS.get(resource["type"], ())]
+    return resource
+
+
 AUTH_OFF_WARNING = ("ATM_AUTH=off: this server asks no one who they are, and anyone "
                     "can read and change everything. For local exploration only.")
 
@@ -143,7 +156,8 @@ def capability_statement(base_url: str, software_date: str, auth_on: bool = True
         "rest": [{
             "mode": "server",
             "resource": [_audit_event() if t == "AuditEvent" else
-                         _subscription() if t == "Subscription" else _resource(t)
+                         _subscription() if t == "Subscription" else
+                         _with_operations(_resource(t))
                          # R4's ResourceType value set has no SubscriptionTopic: it is
                          # served, and told of in Subscription's documentation.
                          for t in sorted(r4_resource_types() - ADDED_TYPES.keys())],

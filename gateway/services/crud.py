@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl
 import jsonpatch
 
 from gateway import jsonio
+from gateway.custody import coi, excursions, handoffs
 from gateway.errors import (
     ConflictError,
     GoneError,
@@ -46,7 +47,13 @@ UPDATE_RULES: dict[str, Guard] = {"Task": task_states.check_update}
 # write's transaction; they may refuse it or set what the server decides.
 WriteRule = Callable[[Context, Repository, Version | None, dict[str, Any]], None]
 WRITE_RULES: dict[str, WriteRule] = {"Subscription": subscriptions.prepare_subscription,
-                                     "SubscriptionTopic": subscriptions.prepare_topic}
+                                     "SubscriptionTopic": subscriptions.prepare_topic,
+                                     "Provenance": handoffs.check_handoff,
+                                     **dict.fromkeys(coi.CARRIERS, coi.keep_coi)}
+# What follows a write of a type, in its transaction (alerts it raises).
+AFTER_WRITES: dict[str, Callable[[Context, Repository, Version], None]] = {
+    "Observation": excursions.check_excursion}
+
 
 
 def _prepare_new(ctx: Context, repo: Repository, resource: dict[str, Any],
@@ -89,6 +96,8 @@ def _visible_after(ctx: Context, repo: Repository, version: Version,
         access.check_may_create(ctx.grant, version.resource_type)
     if visibility.criteria(ctx, version.resource_type) is not None:
         visibility.check_still_visible(ctx, repo, version.resource_type, version.id)
+    if (after := AFTER_WRITES.get(version.resource_type)) is not None:
+        after(ctx, repo, version)
     return version
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import fhir, jsonio
+from gateway.custody import report
 from gateway.errors import InvalidError, Issue, NotFoundError, operation_outcome
 from gateway.services import subscriptions
 from gateway.services.context import Context, FhirRequest, FhirResponse
@@ -47,6 +48,10 @@ def instance_operation(ctx: Context, request: FhirRequest, resource_type: str,
         return op_apply(ctx, request, resource_id)
     if resource_type == "Subscription" and name in SUBSCRIPTION_OPERATIONS:
         return SUBSCRIPTION_OPERATIONS[name](ctx, request, resource_id)
+    if name == "custody-report" and resource_type in report.REPORTED:
+        return report.op_custody_report(ctx, request, resource_type, resource_id)
+    if name == "verify-signatures" and resource_type == "Provenance":
+        return report.op_verify_signatures(ctx, request, resource_id)
     raise _unknown(name)
 
 

@@ -10,6 +10,7 @@ from urllib.parse import parse_qsl
 
 from sqlalchemy.exc import DBAPIError
 
+from gateway.custody import handoffs
 from gateway.errors import ConflictError, InvalidError, MethodNotAllowedError, NotFoundError
 from gateway.services import (
     access,
@@ -52,6 +53,9 @@ def handle(ctx: Context, request: FhirRequest) -> FhirResponse:
     can replay itself instead."""
     try:
         return dispatch(ctx, request)
+    except handoffs.StepStoppedError as exc:
+        handoffs.record_stop(ctx, exc)  # the step's hold and alerts outlive the refusal
+        raise
     except DBAPIError as exc:
         if not is_transient(exc):
             raise

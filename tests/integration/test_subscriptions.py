@@ -14,7 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from gateway.settings import Settings
+from gateway.store.database import Database
 from tests.conftest import client_with
+from tests.integration.custody_support import enrol
 from tests.integration.subscription_support import (
     BACKPORT,
     FHIR,
@@ -280,26 +282,32 @@ def test_every_version_is_delivered_not_only_the_latest(
     assert max(len(r.events) for r in receiver.of_kind("event-notification")) == 2
 
 
-def test_custody_events_for_each_handoff(server: TestClient, receiver: Receiver) -> None:
-    subscribe(server, subscription(receiver.url(), "custody-event", content="full-resource"))
-    receiver.wait_for(lambda r: bool(r.of_kind("handshake")))
-    product = create(server, {"resourceType": "BiologicallyDerivedProduct",
-                              "productCategory": "cells"})
-    custody = {"system": "https://atm-gateway.org/fhir/CodeSystem/custody-event"}
-    for step in ("pick-up", "hand-over"):
+def test_custody_events_for_each_handoff(settings: Settings, db: Database,
+                                        receiver: Receiver) -> None:
+    with client_with(settings, **subscription_settings(settings),
+                     load_protocols=True) as server:
+        enrolment = enrol(server, db, settings)
+        subscribe(server, subscription(receiver.url(), "custody-event",
+                                       content="full-resource"))
+        receiver.wait_for(lambda r: bool(r.of_kind("handshake")))
+        product, shipment = enrolment.product(), enrolment.task("shipment-to-manufacturer")
+        for event, releasing, receiving_party, at in (
+                ("pick-up", "apheresis", "courier", "2026-11-20T10:00:00Z"),
+                ("receipt-at-manufacturing", "courier", "manufacturer",
+                 "2026-11-20T18:00:00Z")):
+            create(server, enrolment.handoff(
+                event, product, shipment, releasing=releasing, receiving=receiving_party,
+                signers=[(releasing, "released"), (receiving_party, "received")], at=at,
+                location="manufacturing"))
         create(server, {"resourceType": "Provenance", "recorded": "2026-11-23T10:00:00Z",
                         "target": [{"reference": f"BiologicallyDerivedProduct/{product['id']}"}],
-                        "activity": {"coding": [{**custody, "code": step}]},
-                        "agent": [{"who": {"reference": "Organization/courier"}}]})
-    create(server, {"resourceType": "Provenance", "recorded": "2026-11-23T10:00:00Z",
-                    "target": [{"reference": f"BiologicallyDerivedProduct/{product['id']}"}],
-                    "agent": [{"who": {"reference": "Organization/courier"}}]})  # not custody
-    receiver.wait_for(lambda r: len(r.event_numbers()) >= 2)
-    time.sleep(0.3)
+                        "agent": [{"who": {"reference": "Organization/courier"}}]})  # not custody
+        receiver.wait_for(lambda r: len(r.event_numbers()) >= 2)
+        time.sleep(0.3)
     codes = [e["resource"]["activity"]["coding"][0]["code"]
              for r in receiver.of_kind("event-notification") for e in r.bundle["entry"][1:]
              if e.get("resource", {}).get("resourceType") == "Provenance"]
-    assert codes == ["pick-up", "hand-over"]
+    assert codes == ["pick-up", "receipt-at-manufacturing"]
 
 
 def test_heartbeats_when_nothing_happens(server: TestClient, receiver: Receiver) -> None:
