@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,6 +26,7 @@ import httpx
 from gateway.auth.clients import ROLES, add_client, list_clients, set_disabled
 from gateway.auth.credentials import Credentials, SmartAuth, new_key, public_jwks, token_url
 from gateway.store.database import Database
+from orchestration.demo_custody import Custody
 from orchestration.protocol import Protocol, definitions, from_plan_definition
 from orchestration.state import ROLE_ASSIGNMENT, parse_instant, task_run_key
 
@@ -86,27 +88,39 @@ class Partners:
         self.token_url = token_url(http, base_url)
         self.db = db
         self._auth: dict[str, SmartAuth] = {}
+        self._credentials: dict[str, Credentials] = {}
         if self.token_url is not None and db is None:
             raise DemoError("the server asks for tokens: run `atm demo` beside it, with its "
                             "ATM_DATABASE_URL, so that the demo can register its partners")
-        if self.token_url is not None and db is not None:
+        if db is not None:
             for client in list_clients(db):  # the previous run's keys are gone
                 if client.name.startswith(CLIENT_NAME) and not client.disabled:
                     set_disabled(db, client.client_id)
 
     def auth(self, organization: str) -> SmartAuth | None:
         """The client acting for this organisation (registered when first needed)."""
-        if self.token_url is None or self.db is None:
+        if self.token_url is None:
+            return None
+        credentials = self.credentials(organization)
+        if credentials is None:
             return None
         if organization not in self._auth:
+            self._auth[organization] = SmartAuth(self.token_url, credentials)
+        return self._auth[organization]
+
+    def credentials(self, organization: str) -> Credentials | None:
+        """The organisation's client id and key: it gets tokens and signs custody
+        handoffs with them (None without the server's database to register it in)."""
+        if self.db is None:
+            return None
+        if organization not in self._credentials:
             role = organization.removeprefix(DEMO_ORGANIZATION)
             key = new_key()
             client = add_client(self.db, name=f"{CLIENT_NAME}{role}", role=role,
                                 organization=organization, jwks=public_jwks(key),
                                 scopes="system/*.cruds")
-            self._auth[organization] = SmartAuth(self.token_url,
-                                                 Credentials(client.client_id, key))
-        return self._auth[organization]
+            self._credentials[organization] = Credentials(client.client_id, key)
+        return self._credentials[organization]
 
 
 class Demo:
@@ -114,6 +128,7 @@ class Demo:
                  timeout: float = 120.0) -> None:
         self.client, self.partners, self.say, self.timeout = client, partners, say, timeout
         self.centre = organization_of(TREATMENT_CENTRE)
+        self.custody = Custody(self._call, organization_of, partners.credentials, self.centre)
 
     # -- HTTP ------------------------------------------------------------------------
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None, *,
@@ -222,6 +237,10 @@ class Demo:
         started = self._call("PUT", f"Task/{task['id']}", {
             **task, "status": "in-progress",
             "executionPeriod": {"start": begin.isoformat()}}, by=owner)
+        if stage.handoffs and not fail:
+            for handed in self.custody.record(stage, task["id"], begin, end):
+                self.say(f"{journey.label}:          custody: {handed}")
+            task = started = self._call("GET", f"Task/{task['id']}")  # as custody left it
         # From the treatment centre's copy: a partner's view may leave details out.
         finished = {**task, "meta": started["meta"],
                     "status": "failed" if fail else "completed",
@@ -255,12 +274,34 @@ class Demo:
                      f"{provenances.get('total', 0)} Provenances naming it")
         return lines
 
+    def custody_report(self, journeys: list[Journey], path: Path) -> str | None:
+        """Write the printable custody report of the first journey with handoffs; the
+        line that says what it found."""
+        for journey in journeys:
+            chain = self.custody.chains.get(journey.careplan_id)
+            if chain is None or not chain.recorded:
+                continue
+            operation = f"CarePlan/{journey.careplan_id}/$custody-report"
+            found = {p["name"]: p for p in self._call("GET", operation)["entry"][0]
+                     ["resource"]["parameter"]}
+            response = self.client.get(operation, params={"_format": "html"},
+                                       auth=self.partners.auth(self.centre)
+                                       or httpx.USE_CLIENT_DEFAULT)
+            response.raise_for_status()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(response.text, encoding="utf-8")
+            verdict = "verified" if found["verified"]["valueBoolean"] else "NOT verified"
+            return (f"custody report of {journey.label}: {verdict}, {chain.recorded} signed "
+                    f"handoffs -> {path}")
+        return None
+
 
 def run_demo(base_url: str, patients: int, say: Say, *, timeout: float = 120.0,
-             db: Database | None = None) -> list[str]:
+             db: Database | None = None, report: Path | None = None) -> list[str]:
     """Enrol `patients` across the server's protocols, play them through, and return the
     summary lines (the second patient's first QC release fails). `db` is the server's
-    database, where the partners' clients are registered if the server asks for tokens."""
+    database, where the partners' clients (their token and signing keys) are registered.
+    `report`: where the custody report of one finished journey is written (HTML)."""
     start = datetime.now(UTC).replace(microsecond=0)
     with httpx.Client(base_url=base_url.rstrip("/") + "/", timeout=30.0) as client:
         demo = Demo(client, Partners(client, base_url, db), say, timeout=timeout)
@@ -274,4 +315,6 @@ def run_demo(base_url: str, patients: int, say: Say, *, timeout: float = 120.0,
             journeys.append(demo.enrol(number, plan, protocol,
                                        fail_qc=can_fail and number == 1, start=start))
         demo.play(journeys)
-        return demo.summary(journeys)
+        lines = demo.summary(journeys)
+        written = demo.custody_report(journeys, report) if report is not None else None
+        return [*lines, written] if written else lines

@@ -5,12 +5,16 @@ repeat, lead times and completion."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 
 from gateway.auth.clients import add_client, list_clients
 from gateway.auth.credentials import Credentials, SmartAuth, new_key, public_jwks
+from gateway.custody.coi import COI_SYSTEM
 from gateway.store.database import Database
+from mappings import isbt128
 from orchestration.demo import CLIENT_NAME, run_demo
 from tests.conftest import running_server
 
@@ -32,10 +36,12 @@ def admin_auth(db: Database, base: str) -> SmartAuth:
 
 
 def test_demo_plays_every_shipped_protocol_to_completion(orchestrated_server: str,
-                                                         db: Database) -> None:
+                                                         db: Database, tmp_path: Path) -> None:
     said: list[str] = []
-    summary = run_demo(orchestrated_server, patients=3, say=said.append, timeout=240, db=db)
-    header, *rows, totals = summary
+    report = tmp_path / "custody-report.html"
+    summary = run_demo(orchestrated_server, patients=3, say=said.append, timeout=240, db=db,
+                       report=report)
+    header, *rows, totals, custody = summary
     assert len(rows) == 3
     assert all(" completed " in row for row in rows), "\n".join(said)
     allogeneic, car_t, gene_therapy = rows
@@ -54,3 +60,19 @@ def test_demo_plays_every_shipped_protocol_to_completion(orchestrated_server: st
         provenances = client.get("Provenance?_summary=count").json()["total"]
     tasks = int(totals.split()[0])
     assert provenances >= tasks > 50
+    # Every handoff signed and verified; the report of the first journey written.
+    assert ": verified," in custody and str(report) in custody, custody
+    page = report.read_text(encoding="utf-8")
+    assert "Chain of custody verified" in page and "Infusion" in page
+    with httpx.Client(base_url=orchestrated_server + "/",
+                      auth=admin_auth(db, orchestrated_server)) as client:
+        plans = client.get("CarePlan?_count=10").json()["entry"]
+        codes = [i["value"] for p in plans for i in p["resource"].get("identifier", [])
+                 if i["system"] == COI_SYSTEM]
+        assert len(codes) == 3 and all(isbt128.parse(c).value == c for c in codes)
+        for plan in plans:  # the CAR-T journey's repeat included: every chain verifies
+            found = client.get(f"CarePlan/{plan['resource']['id']}/$custody-report").json()
+            summary_params = {p["name"]: p for p in found["entry"][0]["resource"]["parameter"]}
+            assert summary_params["verified"]["valueBoolean"] is True, summary_params
+            assert "vein-to-vein" in summary_params or "Allogeneic" in plan["resource"]["title"]
+    assert sum("custody: " in line for line in said) >= 15
