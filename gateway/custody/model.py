@@ -38,6 +38,8 @@ class Handoff:
     coi_matches: bool
     required: tuple[str, ...]  # the meanings the policy asked for
     signatures: tuple[SignatureCheck, ...]
+    releasing_ref: str | None = None  # the parties' references (gaps compare these)
+    receiving_ref: str | None = None
 
     @property
     def complete(self) -> bool:

@@ -45,10 +45,25 @@ def _instant(value: str | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _name(reference: dict[str, Any] | None) -> str | None:
+def _name(repo: Repository, reference: dict[str, Any] | None) -> str | None:
+    """How a reference reads: its display, else the name of what it points at (an
+    Organization, Location or Practitioner), else the reference itself."""
     if not reference:
         return None
-    return reference.get("display") or reference.get("reference")
+    if reference.get("display"):
+        return str(reference["display"])
+    target = reference.get("reference")
+    parts = target.split("/") if isinstance(target, str) else []
+    if len(parts) == 2 and parts[0] in ("Organization", "Location", "Practitioner"):
+        found = repo.read(parts[0], parts[1])
+        name = found.resource().get("name") if found and not found.deleted else None
+        if isinstance(name, str) and name:
+            return name
+        if isinstance(name, list) and name and isinstance(name[0], dict):
+            text = " ".join([*name[0].get("given", []), name[0].get("family", "")]).strip()
+            if text:
+                return text
+    return target if isinstance(target, str) else None
 
 
 # -- finding the chain ----------------------------------------------------------------------
@@ -94,8 +109,11 @@ def build(ctx: Context, repo: Repository, careplan: Version | None,
     gaps = _gaps(chain)
     problems += [f"no custodian recorded from {g.start:%Y-%m-%d %H:%M}: {g.reason}"
                  for g in gaps]
-    collected = next((h.at for h in chain if h.event == "collection"), None)
     infused = next((h.at for h in chain if h.event == "infusion"), None)
+    # The cells infused are the last ones collected before (a failed batch means a new
+    # collection): vein-to-vein runs from that collection.
+    collected = max((h.at for h in chain if h.event == "collection"
+                     and (infused is None or h.at <= infused)), default=None)
     return CustodyReport(
         title=f"Chain of identity and custody — {plan.get('title') or 'enrolment'}",
         coi=eye_readable(code) if code else None, patient=_patient(ctx, repo, plan),
@@ -147,20 +165,22 @@ def _handoff(ctx: Context, repo: Repository, record: Version) -> Handoff:
     for signature in provenance.get("signature", []):
         check = handoffs.verify_one(repo, signature, provenance, versions)
         checks.append(SignatureCheck(
-            meaning=check.meaning or "?", signer=_name(signature.get("who")) or "?",
+            meaning=check.meaning or "?", signer=_name(repo, signature.get("who")) or "?",
             who=signature.get("who", {}).get("reference"),
-            organization=_name(signature.get("onBehalfOf")),
+            organization=_name(repo, signature.get("onBehalfOf")),
             when=_instant(signature.get("when")), valid=check.valid, problem=check.problem))
     return Handoff(
         provenance=f"Provenance/{record.id}/_history/{record.version}", event=event,
         event_display=handoffs.EVENTS.get(event, event),
         at=_instant(provenance.get("occurredDateTime")) or _instant(provenance.get("recorded"))
         or datetime.fromtimestamp(record.last_updated / 1e6, UTC),
-        product=product or "?", task=task, location=_name(provenance.get("location")),
-        releasing=_name(handoffs.party(provenance, "releasing")),
-        receiving=_name(handoffs.party(provenance, "receiving")),
+        product=product or "?", task=task, location=_name(repo, provenance.get("location")),
+        releasing=_name(repo, handoffs.party(provenance, "releasing")),
+        receiving=_name(repo, handoffs.party(provenance, "receiving")),
         scanned_coi=scanned, coi_matches=matches,
-        required=_required(ctx, repo, provenance, task, event), signatures=tuple(checks))
+        required=_required(ctx, repo, provenance, task, event), signatures=tuple(checks),
+        releasing_ref=(handoffs.party(provenance, "releasing") or {}).get("reference"),
+        receiving_ref=(handoffs.party(provenance, "receiving") or {}).get("reference"))
 
 
 def _required(ctx: Context, repo: Repository, provenance: dict[str, Any], task: str | None,
@@ -178,14 +198,14 @@ def _gaps(chain: list[Handoff]) -> list[Gap]:
     handoff left nobody holding it."""
     gaps = []
     for before, after in zip(chain, chain[1:], strict=False):
-        if before.receiving is None:
+        if before.receiving_ref is None:
             gaps.append(Gap(before.at, after.at, before.event_display, after.event_display,
                             f"{before.event_display} names no receiving party"))
-        elif after.releasing is not None and after.releasing != before.receiving:
+        elif after.releasing_ref is not None and after.releasing_ref != before.receiving_ref:
             gaps.append(Gap(before.at, after.at, before.event_display, after.event_display,
                             f"{before.receiving} took custody, but {after.releasing} handed "
                             "it on"))
-    if chain and chain[-1].receiving is None and chain[-1].event != "infusion":
+    if chain and chain[-1].receiving_ref is None and chain[-1].event != "infusion":
         gaps.append(Gap(chain[-1].at, None, chain[-1].event_display, None,
                         f"{chain[-1].event_display} names no receiving party"))
     return gaps

@@ -75,4 +75,7 @@ def test_demo_plays_every_shipped_protocol_to_completion(orchestrated_server: st
             summary_params = {p["name"]: p for p in found["entry"][0]["resource"]["parameter"]}
             assert summary_params["verified"]["valueBoolean"] is True, summary_params
             assert "vein-to-vein" in summary_params or "Allogeneic" in plan["resource"]["title"]
+            if "CAR-T" in plan["resource"]["title"]:  # from the repeat's collection, as above
+                hours = summary_params["vein-to-vein"]["valueQuantity"]["value"]
+                assert abs(hours / 24 - vein_to_vein) <= 2, (hours, vein_to_vein)
     assert sum("custody: " in line for line in said) >= 15

@@ -416,11 +416,11 @@ def test_the_report_shows_gaps_between_custodians(enrolment: Enrolment) -> None:
     assert len(gaps) == 1
     assert params(report["entry"][0]["resource"])["verified"]["valueBoolean"] is False
     reason = next(x["valueString"] for x in gaps[0]["part"] if x["name"] == "reason")
-    assert "Organization/manufacturer took custody" in reason
+    assert "The manufacturer took custody, but The courier handed it on" in reason
     page = enrolment.client.get(
         f"/fhir/CarePlan/{enrolment.careplan['id']}/$custody-report",
         params={"_format": "html"}).text
-    assert "not yet infused" in page and "Organization/courier handed" in page
+    assert "not yet infused" in page and "The courier handed it on" in page
 
 
 def test_report_errors_are_operation_outcomes(server: TestClient) -> None:
