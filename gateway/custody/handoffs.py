@@ -21,6 +21,8 @@ is a new Provenance.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -37,7 +39,7 @@ from gateway.services.protocols import plan_definition_id, protocol_from_store
 from gateway.store.repository import Actor, Repository, Version
 from gateway.store.schema import oauth_clients
 from mappings import isbt128
-from orchestration.protocol import ATM, EXT, Handoff, ProtocolFormError, Stage
+from orchestration.protocol import ATM, EXT, Handoff, Protocol, ProtocolFormError, Stage
 from orchestration.state import role_assignments, task_run_key
 
 CUSTODY_EVENT = f"{ATM}/CodeSystem/custody-event"
@@ -203,11 +205,32 @@ def stage_of(ctx: Context, repo: Repository, task: dict[str, Any]) -> Stage | No
     plan = repo.read("PlanDefinition", plan_id) if plan_id else None
     if plan is None or plan.deleted:
         return None
+    protocol = _compiled(ctx, repo, plan)
+    return protocol.stages.get(key[1]) if protocol is not None else None
+
+
+_PROTOCOLS: OrderedDict[tuple[str, int, int], Protocol | None] = OrderedDict()
+_PROTOCOLS_KEPT = 64
+_PROTOCOLS_LOCK = threading.Lock()
+
+
+def _compiled(ctx: Context, repo: Repository, plan: Version) -> Protocol | None:
+    """The protocol of a PlanDefinition version, compiled once (as the orchestrator does:
+    a changed protocol is a new version)."""
+    key = (plan.id, plan.version, plan.last_updated)
+    with _PROTOCOLS_LOCK:
+        if key in _PROTOCOLS:
+            _PROTOCOLS.move_to_end(key)
+            return _PROTOCOLS[key]
     try:
-        protocol = protocol_from_store(ctx, repo, plan.resource())
+        protocol: Protocol | None = protocol_from_store(ctx, repo, plan.resource())
     except ProtocolFormError:
-        return None
-    return protocol.stages.get(key[1])
+        protocol = None
+    with _PROTOCOLS_LOCK:
+        _PROTOCOLS[key] = protocol
+        while len(_PROTOCOLS) > _PROTOCOLS_KEPT:
+            _PROTOCOLS.popitem(last=False)
+    return protocol
 
 
 def site_of(repo: Repository, provenance: dict[str, Any]) -> tuple[str | None, str | None]:
