@@ -146,13 +146,21 @@ def check_excursion(ctx: Context, repo: Repository, version: Version) -> None:
         "code": {"coding": [{"system": FLAG_CODES, "code": EXCURSION_FLAG,
                              "display": "Temperature excursion"}], "text": text},
         "extension": [{"url": EXT + "flag-about", "valueReference": about}]})
+    alert(repo, careplan, [about, {"reference": flag.reference},
+                           {"reference": product.reference}],
+          f"{text}. Assess the product before it is used.", TOLD_ROLES, now)
+
+
+def alert(repo: Repository, careplan: Version | None, about: list[dict[str, Any]],
+          text: str, roles: tuple[str, ...], now: str) -> None:
+    """An urgent Communication about these records, to the organisations the enrolment
+    assigned to these roles."""
+    plan = careplan.resource() if careplan is not None else {}
     assigned = role_assignments(plan)
-    told = sorted({assigned[r] for r in TOLD_ROLES if r in assigned})
+    told = sorted({assigned[r] for r in roles if r in assigned})
     communication: dict[str, Any] = {
         "resourceType": "Communication", "status": "completed", "sent": now,
-        "priority": "urgent", "about": [about, {"reference": flag.reference},
-                                        {"reference": product.reference}],
-        "payload": [{"contentString": f"{text}. Assess the product before it is used."}]}
+        "priority": "urgent", "about": about, "payload": [{"contentString": text}]}
     if careplan is not None:
         communication["basedOn"] = [{"reference": f"CarePlan/{careplan.id}"}]
     if plan.get("subject"):

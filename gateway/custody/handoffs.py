@@ -33,6 +33,7 @@ from gateway.auth.clients import Client, client_from_row
 from gateway.auth.keys import JwksCache
 from gateway.custody import signatures
 from gateway.custody.coi import coi_of, eye_readable
+from gateway.custody.excursions import alert
 from gateway.errors import BusinessRuleError, Issue
 from gateway.services.context import Context
 from gateway.services.protocols import plan_definition_id, protocol_from_store
@@ -40,7 +41,7 @@ from gateway.store.repository import Actor, Repository, Version
 from gateway.store.schema import oauth_clients
 from mappings import isbt128
 from orchestration.protocol import ATM, EXT, Handoff, Protocol, ProtocolFormError, Stage
-from orchestration.state import role_assignments, task_run_key
+from orchestration.state import task_run_key
 
 CUSTODY_EVENT = f"{ATM}/CodeSystem/custody-event"
 EVENTS = {"collection": "Collection", "pick-up": "Pick-up", "hand-over": "Hand-over",
@@ -304,18 +305,7 @@ def record_stop(ctx: Context, stopped: StepStoppedError) -> None:
                 "code": "safety", "display": "Safety"}]}],
             "code": {"text": f"Chain of identity: {stopped.reason}"},
             "extension": [{"url": EXT + "flag-about", "valueReference": about}]})
-        assigned = role_assignments(plan)
-        told = sorted({assigned[r] for r in TOLD_ROLES if r in assigned})
-        communication: dict[str, Any] = {
-            "resourceType": "Communication", "status": "completed", "sent": now,
-            "priority": "urgent", "about": [about, {"reference": flag.reference}],
-            "payload": [{"contentString": f"{EVENTS.get(stopped.event, stopped.event)} "
-                                          f"stopped: {stopped.reason}. Task/{task.id} is on "
-                                          "hold until the identity is resolved."}]}
-        if careplan is not None:
-            communication["basedOn"] = [{"reference": f"CarePlan/{careplan.id}"}]
-        if plan.get("subject"):
-            communication["subject"] = plan["subject"]
-        if told:
-            communication["recipient"] = [{"reference": r} for r in told]
-        repo.create(communication)
+        alert(repo, careplan if careplan is not None and not careplan.deleted else None,
+              [about, {"reference": flag.reference}],
+              f"{EVENTS.get(stopped.event, stopped.event)} stopped: {stopped.reason}. "
+              f"Task/{task.id} is on hold until the identity is resolved.", TOLD_ROLES, now)
