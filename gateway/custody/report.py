@@ -297,13 +297,7 @@ def summary(report: CustodyReport) -> dict[str, Any]:
                  {"name": "chain-of-identity-matches", "valueBoolean": handoff.coi_matches},
                  {"name": "complete", "valueBoolean": handoff.complete}]
         parts += [{"name": "required", "valueCode": m} for m in handoff.required]
-        for check in handoff.signatures:
-            sig = [{"name": "meaning", "valueCode": check.meaning},
-                   {"name": "signer", "valueString": check.signer},
-                   {"name": "verified", "valueBoolean": check.valid}]
-            if check.problem:
-                sig.append({"name": "problem", "valueString": check.problem})
-            parts.append({"name": "signature", "part": sig})
+        parts += [signature_parameter(check) for check in handoff.signatures]
         params.append({"name": "handoff", "part": parts})
     for gap in report.gaps:
         part = [{"name": "start", "valueDateTime": gap.start.isoformat()},
@@ -320,6 +314,16 @@ def summary(report: CustodyReport) -> dict[str, Any]:
     return {"resourceType": "Parameters", "parameter": params}
 
 
+def signature_parameter(check: SignatureCheck) -> dict[str, Any]:
+    """One signature's verification, as a Parameters part."""
+    part: list[dict[str, Any]] = [{"name": "meaning", "valueCode": check.meaning},
+                                  {"name": "signer", "valueString": check.signer},
+                                  {"name": "verified", "valueBoolean": check.valid}]
+    if check.problem:
+        part.append({"name": "problem", "valueString": check.problem})
+    return {"name": "signature", "part": part}
+
+
 def op_verify_signatures(ctx: Context, request: FhirRequest, provenance_id: str) -> FhirResponse:
     """Provenance/{id}/$verify-signatures: each signature checked against the versions it
     names, as they are stored now."""
@@ -328,11 +332,5 @@ def op_verify_signatures(ctx: Context, request: FhirRequest, provenance_id: str)
         handoff = _handoff(ctx, repo, record)
     params: list[dict[str, Any]] = [{"name": "verified", "valueBoolean": bool(
         handoff.signatures) and all(s.valid for s in handoff.signatures)}]
-    for check in handoff.signatures:
-        part = [{"name": "meaning", "valueCode": check.meaning},
-                {"name": "signer", "valueString": check.signer},
-                {"name": "verified", "valueBoolean": check.valid}]
-        if check.problem:
-            part.append({"name": "problem", "valueString": check.problem})
-        params.append({"name": "signature", "part": part})
+    params += [signature_parameter(check) for check in handoff.signatures]
     return FhirResponse(200, jsonio.dumps({"resourceType": "Parameters", "parameter": params}))
