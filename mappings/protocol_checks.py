@@ -1,6 +1,7 @@
 """Checks between the parts of a protocol: unique ids, known roles, stage references that
-resolve to the right stages, no dependency cycle through `after`, and one stage at most
-that `assigns` the chain of identity.
+resolve to the right stages, no dependency cycle through `after`, one stage at most
+that `assigns` the chain of identity, and one at most that `books` a chain of stages
+the protocol has.
 
 Rules from orchestration/PROTOCOLS.md: `after` and `ends-before` name siblings; a loop
 exists only through `on-failure`, whose `back-to` names a stage the failing stage depends
@@ -16,9 +17,9 @@ from mappings.protocol_model import FHIR_ID_LENGTH, ID_PATTERN, Problem, Protoco
 
 
 def check_protocol(protocol: Protocol) -> list[Problem]:
-    problems = [*_duplicates(protocol), *_id_lengths(protocol), *_roles(protocol),
-                *_assigns(protocol)]
     known = {stage.id for stage in protocol.all_stages() if stage.id}
+    problems = [*_duplicates(protocol), *_id_lengths(protocol), *_roles(protocol),
+                *_assigns(protocol), *_books(protocol, known)]
     _check_group(protocol.stages, frozenset(), known, problems)
     return problems
 
@@ -70,6 +71,23 @@ def _assigns(protocol: Protocol) -> Iterable[Problem]:
                           f"'{other}' (line {line}); only one stage may assign it")
         else:
             first[ref.name] = (stage.id, ref.line)
+
+
+def _books(protocol: Protocol, known: set[str]) -> Iterable[Problem]:
+    """An enrolment books its chain once, so one stage at most may book one; its steps
+    name stages of the protocol, at any level."""
+    first: tuple[str, int] | None = None
+    for stage in protocol.all_stages():
+        if stage.books is None:
+            continue
+        if first is not None:
+            yield Problem(stage.books.line, f"`books`: stage '{first[0]}' already books a "
+                          f"chain (line {first[1]}); only one stage may book one")
+        else:
+            first = (stage.id, stage.books.line)
+        for step in stage.books.steps:
+            if step.stage.name not in known:
+                yield Problem(step.stage.line, f"`step`: unknown stage '{step.stage.name}'")
 
 
 @dataclass

@@ -9,8 +9,12 @@ from typing import Any
 
 from mappings.protocol_model import (
     KINDS,
+    Chain,
+    ChainStep,
     Duration,
     Handoff,
+    Lead,
+    LeadRule,
     OnFailure,
     Protocol,
     Ref,
@@ -27,6 +31,8 @@ PARTNER_ROLE = f"{ATM}/StructureDefinition/partner-role"
 ON_FAILURE = f"{ATM}/StructureDefinition/on-failure"
 ASSIGNS = f"{ATM}/StructureDefinition/assigns"
 CUSTODY_HANDOFF = f"{ATM}/StructureDefinition/custody-handoff"
+BOOKS_CHAIN = f"{ATM}/StructureDefinition/books-chain"
+SCHEDULING_SERVICES = f"{ATM}/CodeSystem/scheduling-service"
 PLAN_TYPES = "http://terminology.hl7.org/CodeSystem/plan-definition-type"
 UCUM = "http://unitsofmeasure.org"
 FHIRPATH = "text/fhirpath"
@@ -95,9 +101,16 @@ def _signatures(meanings: tuple[str, ...]) -> list[Json]:
     return [{"url": "signature", "valueCode": meaning} for meaning in meanings]
 
 
+def _place(name: str, value: str | None) -> Json:
+    """A `where` entry's country or priority (valueCode) or site (valueReference)."""
+    if name == "site":
+        return {"url": "site", "valueReference": {"reference": value}}
+    return {"url": name, "valueCode": value}
+
+
 def _where(rule: SignatureRule) -> Json:
-    place = ({"url": "country", "valueCode": rule.country} if rule.country is not None
-             else {"url": "site", "valueReference": {"reference": rule.site}})
+    place = (_place("country", rule.country) if rule.country is not None
+             else _place("site", rule.site))
     return {"url": "where", "extension": [place, *_signatures(rule.signatures)]}
 
 
@@ -107,6 +120,31 @@ def _custody_handoff(handoff: Handoff) -> Json:
         *_signatures(handoff.signatures),
         *(_where(rule) for rule in handoff.where),
     ]}
+
+
+def _lead(lead: Lead | None) -> list[Json]:
+    if lead is None:
+        return []
+    return [{"url": "lead-min", "valueDuration": duration(lead.min)},
+            {"url": "lead-max", "valueDuration": duration(lead.max)}]
+
+
+def _lead_rule(rule: LeadRule) -> Json:
+    return {"url": "where", "extension": [_place(*rule.place), *_lead(rule.lead)]}
+
+
+def _chain_step(step: ChainStep) -> Json:
+    return {"url": "step", "extension": [
+        {"url": "stage", "valueId": step.stage.name},
+        {"url": "service", "valueCoding": {"system": SCHEDULING_SERVICES, "code": step.service}},
+        *_lead(step.lead),
+        *(_lead_rule(rule) for rule in step.where),
+    ]}
+
+
+def _books_chain(chain: Chain) -> Json:
+    """One extension for the whole chain, its steps in chain (time) order."""
+    return {"url": BOOKS_CHAIN, "extension": [_chain_step(step) for step in chain.steps]}
 
 
 def plan_definition(protocol: Protocol) -> Json:
@@ -138,6 +176,8 @@ def action(protocol: Protocol, stage: Stage) -> Json:
     if stage.assigns is not None:
         extensions.append(_assigns(stage.assigns.name))
     extensions += [_custody_handoff(handoff) for handoff in stage.custody]
+    if stage.books is not None:
+        extensions.append(_books_chain(stage.books))
     return _drop_empty({
         "id": stage.id,
         "extension": extensions,

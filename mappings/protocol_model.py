@@ -21,6 +21,12 @@ CUSTODY_EVENTS = ("collection", "pick-up", "hand-over", "receipt-at-manufacturin
 SIGNATURE_MEANINGS = ("released", "received", "verified", "witnessed", "performed")
 COUNTRY_PATTERN = re.compile(r"[A-Z]{2}")  # ISO 3166-1 alpha-2
 SITE_PATTERN = re.compile(r"Location/[A-Za-z0-9\-.]{1,64}")
+# CodeSystem ATM/CodeSystem/scheduling-service: open, so a code only has the id's shape.
+SERVICE_PATTERN = ID_PATTERN
+# FHIR request priorities (http://hl7.org/fhir/request-priority), most routine first.
+PRIORITIES = ("routine", "urgent", "asap", "stat")
+MAX_CHAIN_STEPS = 10
+MINUTES = {"min": 1, "h": 60, "d": 24 * 60, "wk": 7 * 24 * 60}  # per unit of a Duration
 
 
 @dataclass(frozen=True, order=True)
@@ -58,6 +64,10 @@ class Duration:
 
     value: int | float
     unit: str
+
+    def minutes(self) -> float:
+        """The length in minutes, to compare durations written in different units."""
+        return self.value * MINUTES[self.unit]
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,58 @@ class Handoff:
 
 
 @dataclass(frozen=True)
+class Lead:
+    """A lead time from the previous chain step's start: at least `min`, at most `max`."""
+
+    min: Duration
+    max: Duration
+    line: int
+
+
+@dataclass(frozen=True)
+class LeadRule:
+    """A `where` override of a step's lead time: in one country, at one site or for one
+    request priority (exactly one is set)."""
+
+    lead: Lead
+    line: int
+    country: str | None = None
+    site: str | None = None  # "Location/<id>"
+    priority: str | None = None
+
+    @property
+    def place(self) -> tuple[str, str]:
+        """What the override names: ("country", "DE"), ("site", "Location/x") or
+        ("priority", "urgent")."""
+        if self.country is not None:
+            return "country", self.country
+        if self.site is not None:
+            return "site", self.site
+        return "priority", self.priority or ""
+
+
+@dataclass(frozen=True)
+class ChainStep:
+    """A `books` entry: the stage it books for, the scheduling service it needs and, after
+    the first step, its lead time."""
+
+    stage: Ref
+    service: str
+    line: int
+    lead: Lead | None = None
+    where: tuple[LeadRule, ...] = ()
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A stage's `books`: the steps booked in one go, in time order; `line` is the key's,
+    where a second booking stage is reported."""
+
+    steps: tuple[ChainStep, ...]
+    line: int
+
+
+@dataclass(frozen=True)
 class Stage:
     """One stage; `id` is "" when the file gave none (a problem is reported for it)."""
 
@@ -116,6 +178,7 @@ class Stage:
     on_failure: OnFailure | None = None
     assigns: Ref | None = None  # "chain-of-identity": assigned when the stage completes
     custody: tuple[Handoff, ...] = ()
+    books: Chain | None = None
     steps: tuple[Stage, ...] = ()
 
     @property

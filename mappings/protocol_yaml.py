@@ -21,13 +21,20 @@ from mappings.protocol_model import (
     CUSTODY_EVENTS,
     ID_PATTERN,
     KINDS,
+    MAX_CHAIN_STEPS,
     MAX_REPEATS,
+    PRIORITIES,
+    SERVICE_PATTERN,
     SIGNATURE_MEANINGS,
     SITE_PATTERN,
     After,
+    Chain,
+    ChainStep,
     Duration,
     EndsBefore,
     Handoff,
+    Lead,
+    LeadRule,
     OnFailure,
     Problem,
     Protocol,
@@ -40,13 +47,18 @@ from mappings.protocol_model import (
 PROTOCOL_KEYS = ("protocol", "version", "title", "description", "roles", "escalation",
                  "stages")
 STAGE_KEYS = ("id", "title", "description", "kind", "role", "deadline", "after",
-              "ends-before", "when", "escalate", "on-failure", "assigns", "custody", "steps")
+              "ends-before", "when", "escalate", "on-failure", "assigns", "custody", "books",
+              "steps")
 AFTER_KEYS = ("stage", "gap")
 ENDS_BEFORE_KEYS = ("stage", "by")
 ON_FAILURE_KEYS = ("back-to", "max-repeats")
 CUSTODY_KEYS = ("event", "signatures", "where")
 WHERE_KEYS = ("country", "site", "signatures")
 NO_SIGNATURE = "write [] when none is needed"
+BOOKS_KEYS = ("step", "service", "lead", "where")
+LEAD_KEYS = ("min", "max")
+LEAD_WHERE_KEYS = ("country", "site", "priority", "lead")
+LEAD_HELP = "a mapping of `min` and `max` durations, such as {min: 2d, max: 7d}"
 DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(min|h|d|wk)")
 DURATION_HELP = "write a number and a unit: 30min, 12h, 3d or 2wk"
 NULL = "tag:yaml.org,2002:null"
@@ -85,6 +97,14 @@ def _peek(node: MappingNode, key: str) -> Node | None:
         if isinstance(key_node, ScalarNode) and key_node.value == key:
             return value  # type: ignore[no-any-return]
     return None
+
+
+def _key_line(node: MappingNode, key: str) -> int:
+    """The line of `key` itself: a block mapping or list under it starts a line later."""
+    for key_node, _ in node.value:
+        if isinstance(key_node, ScalarNode) and key_node.value == key:
+            return _line(key_node)
+    return _line(node)
 
 
 def _suggest(name: str, keys: tuple[str, ...]) -> str:
@@ -227,6 +247,7 @@ class _Reader:
             on_failure=self.on_failure(found.get("on-failure")),
             assigns=self.assigns(found.get("assigns")),
             custody=self.custody(found.get("custody"), stage_id),
+            books=self.books(found.get("books"), node),
             steps=self.stage_list(found.get("steps"), "steps"),
         )
 
@@ -427,15 +448,169 @@ class _Reader:
             self.report(node, "a `where` entry needs a `country` (ISO 3166 alpha-2) or a "
                         "`site` (Location/<id>)")
             readable = False
-        if country is not None and not COUNTRY_PATTERN.fullmatch(country):
-            self.report(country_node or node, f"`country` '{country}' must be an ISO 3166 "
-                        "alpha-2 code: two upper-case letters, such as DE")
+        if not self.place("country", country, country_node or node):
             readable = False
-        if site is not None and not SITE_PATTERN.fullmatch(site):
-            self.report(site_node or node, f"`site` '{site}' must be a Location reference: "
-                        "Location/ and an id of 1 to 64 letters, digits, '-' or '.'")
+        if not self.place("site", site, site_node or node):
             readable = False
         signatures = self.signatures(fields.get("signatures"), node, "a `where` entry")
         if not readable or signatures is None:
             return None
         return SignatureRule(signatures, _line(node), country=country, site=site)
+
+    def place(self, key: str, value: str | None, node: Node) -> bool:
+        """Whether a `where` entry's `country`, `site` or `priority` is well formed (or
+        not given); a malformed one is reported."""
+        if value is None:
+            return True
+        if key == "country" and not COUNTRY_PATTERN.fullmatch(value):
+            self.report(node, f"`country` '{value}' must be an ISO 3166 alpha-2 code: two "
+                        "upper-case letters, such as DE")
+            return False
+        if key == "site" and not SITE_PATTERN.fullmatch(value):
+            self.report(node, f"`site` '{value}' must be a Location reference: Location/ and "
+                        "an id of 1 to 64 letters, digits, '-' or '.'")
+            return False
+        if key == "priority" and value not in PRIORITIES:
+            self.report(node, f"`priority`: unknown request priority '{value}'"
+                        f"{_suggest(value, PRIORITIES)}")
+            return False
+        return True
+
+    # -- the chain a stage books -----------------------------------------------------
+    def books(self, node: Node | None, stage_node: MappingNode) -> Chain | None:
+        if node is None or _is_null(node):
+            return None
+        if not isinstance(node, SequenceNode):
+            self.report(node, "`books` must be a list of chain steps, each with a `step` and "
+                        "its `service`")
+            return None
+        if not node.value:
+            self.report(node, "`books` is empty: list the steps the chain books, in time "
+                        "order")
+            return None
+        if len(node.value) > MAX_CHAIN_STEPS:
+            self.report(node, f"`books` has {len(node.value)} steps; a chain books "
+                        f"{MAX_CHAIN_STEPS} at most")
+        first: dict[str, int] = {}
+        steps = []
+        for index, item in enumerate(node.value):
+            step = self.chain_step(item, index == 0)
+            if step is None:
+                continue
+            if step.stage.name in first:
+                self.report(step.stage.line, f"`step`: stage '{step.stage.name}' is booked "
+                            f"twice in this chain (first at line {first[step.stage.name]})")
+                continue
+            first[step.stage.name] = step.stage.line
+            steps.append(step)
+        return Chain(tuple(steps), _key_line(stage_node, "books"))
+
+    def chain_step(self, node: Node, is_first: bool) -> ChainStep | None:
+        fields = self.fields(node, BOOKS_KEYS, "a `books` entry")
+        if not isinstance(node, MappingNode):
+            return None
+        stage = self.ref(fields.get("step"), "step")
+        if _is_null(fields.get("step")):
+            self.report(fields.get("step") or node, "a `books` entry needs a `step` (the id "
+                        "of the stage it books for)")
+        service = self.service(fields.get("service"), node)
+        lead: Lead | None = None
+        where: tuple[LeadRule, ...] = ()
+        if is_first:
+            # Leads count from the previous step's start: the first step has none to count
+            # from, so its lead and overrides are refused rather than read.
+            for key in ("lead", "where"):
+                if not _is_null(fields.get(key)):
+                    self.report(_key_line(node, key), f"`{key}`: the first step of a chain "
+                                "has no lead time (leads count from the previous step's "
+                                "start)")
+        else:
+            lead = self.lead(fields.get("lead"))
+            where = self.lead_rules(fields.get("where"))
+            if _is_null(fields.get("lead")):
+                self.report(node, "a `books` entry after the first needs a `lead` from the "
+                            f"previous step's start ({LEAD_HELP})")
+        if stage is None:
+            return None
+        # Kept with a bad service (reported above, as "") so that its stage is checked too.
+        return ChainStep(stage, service or "", _line(node), lead, where)
+
+    def service(self, node: Node | None, parent: Node) -> str | None:
+        service = self.text(node, "service")
+        if node is None or _is_null(node):
+            self.report(node or parent, "a `books` entry needs a `service` (a scheduling "
+                        "service code, such as apheresis)")
+            return None
+        if service is None:
+            return None
+        if not SERVICE_PATTERN.fullmatch(service):
+            self.report(node, f"`service` '{service}' must be a scheduling service code: 1 "
+                        "to 64 lower-case letters, digits or hyphens")
+            return None
+        return service
+
+    def lead(self, node: Node | None) -> Lead | None:
+        if node is None or _is_null(node):
+            return None
+        if not isinstance(node, MappingNode):
+            self.report(node, f"`lead` must be {LEAD_HELP}")
+            return None
+        fields = self.fields(node, LEAD_KEYS, "`lead`")
+        low = self.duration(fields.get("min"), "min")
+        high = self.duration(fields.get("max"), "max")
+        missing = [f"`{key}`" for key in LEAD_KEYS if _is_null(fields.get(key))]
+        if missing:
+            self.report(node, f"`lead` needs {' and '.join(missing)} ({LEAD_HELP})")
+        if low is None or high is None:
+            return None
+        if low.minutes() > high.minutes():
+            self.report(node, f"`lead`: `min` {fields['min'].value} is longer than `max` "
+                        f"{fields['max'].value}")
+            return None
+        return Lead(low, high, _line(node))
+
+    def lead_rules(self, node: Node | None) -> tuple[LeadRule, ...]:
+        if node is None or _is_null(node):
+            return ()
+        if not isinstance(node, SequenceNode):
+            self.report(node, "`where` must be a list of overrides, each with a `country`, a "
+                        "`site` or a `priority` and its `lead`")
+            return ()
+        first: dict[tuple[str, str], int] = {}
+        rules = []
+        for item in node.value:
+            rule = self.lead_rule(item)
+            if rule is None:
+                continue
+            key = rule.place
+            if key in first:
+                self.report(rule.line, f"`where`: {key[0]} '{key[1]}' is given twice (first "
+                            f"at line {first[key]}; only the first match applies)")
+                continue
+            first[key] = rule.line
+            rules.append(rule)
+        return tuple(rules)
+
+    def lead_rule(self, node: Node) -> LeadRule | None:
+        fields = self.fields(node, LEAD_WHERE_KEYS, "a `where` entry")
+        if not isinstance(node, MappingNode):
+            return None
+        places = {key: self.text(fields.get(key), key) for key in LEAD_WHERE_KEYS[:3]}
+        given = [key for key, value in places.items() if value is not None]
+        readable = len(given) == 1
+        if len(given) > 1:
+            self.report(node, "a `where` entry names one of `country`, `site` or `priority`, "
+                        f"not {' and '.join(f'`{key}`' for key in given)}")
+        elif not given:
+            self.report(node, "a `where` entry needs a `country` (ISO 3166 alpha-2), a `site` "
+                        f"(Location/<id>) or a `priority` ({', '.join(PRIORITIES)})")
+        for key, value in places.items():
+            if not self.place(key, value, fields.get(key) or node):
+                readable = False
+        lead = self.lead(fields.get("lead"))
+        if _is_null(fields.get("lead")):
+            self.report(node, f"a `where` entry needs a `lead` ({LEAD_HELP})")
+        if not readable or lead is None:
+            return None
+        return LeadRule(lead, _line(node), country=places["country"], site=places["site"],
+                        priority=places["priority"])

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from orchestration.chains import PRIORITIES, SERVICE_SYSTEM, ChainStep, Lead, LeadRule
+
 ATM = "https://atm-gateway.org/fhir"
 EXT = f"{ATM}/StructureDefinition/"
 ESCALATION_ROLE = EXT + "escalation-role"
@@ -18,6 +20,7 @@ ROLE_SYSTEM = f"{ATM}/CodeSystem/partner-role"
 STAGE_SYSTEM = f"{ATM}/CodeSystem/stage"
 ASSIGNS = EXT + "assigns"
 CUSTODY_HANDOFF = EXT + "custody-handoff"
+BOOKS_CHAIN = EXT + "books-chain"
 
 # What a stage's completion may assign to the enrolment.
 ASSIGNABLE = ("chain-of-identity",)
@@ -27,6 +30,8 @@ CUSTODY_EVENTS = ("collection", "pick-up", "hand-over", "receipt-at-manufacturin
 SIGNATURE_MEANINGS = ("released", "received", "verified", "witnessed", "performed")
 _COUNTRY = re.compile(r"[A-Z]{2}")
 _SITE = re.compile(r"Location/[A-Za-z0-9\-.]{1,64}")
+_SERVICE = re.compile(r"[a-z0-9-]{1,64}")  # a code of ATM/CodeSystem/scheduling-service
+MAX_CHAIN_STEPS = 10
 
 # UCUM units a duration may be written in, as timedelta keyword arguments.
 _UNITS = {"s": "seconds", "min": "minutes", "h": "hours", "d": "days", "wk": "weeks"}
@@ -95,6 +100,7 @@ class Stage:
     children: tuple[str, ...] = ()
     assigns: str | None = None  # "chain-of-identity": assigned when the stage's Task completes
     handoffs: tuple[Handoff, ...] = ()
+    books: tuple[ChainStep, ...] = ()  # the chain this stage books in one go, in time order
 
     def handoff(self, event: str) -> Handoff | None:
         """The custody handoff `event` this stage records, if it records one."""
@@ -119,6 +125,10 @@ class Protocol:
 
     def top_level(self) -> list[Stage]:
         return [s for s in self.stages.values() if s.parent is None]
+
+    def booking_stage(self) -> Stage | None:
+        """The stage that books the enrolment's chain of appointments, if one does."""
+        return next((s for s in self.stages.values() if s.books), None)
 
 
 def duration(value: dict[str, Any], where: str) -> timedelta:
@@ -269,6 +279,109 @@ def _handoffs(action: dict[str, Any]) -> tuple[Handoff, ...]:
     return tuple(handoffs)
 
 
+def _parts(extension: dict[str, Any], known: tuple[str, ...], what: str, where: str
+           ) -> list[dict[str, Any]]:
+    """The sub-extensions of `extension`; any url not in `known` is refused by name."""
+    parts: list[dict[str, Any]] = extension.get("extension", [])
+    unknown = _unknown([p.get("url") for p in parts], known)
+    if unknown:
+        raise ProtocolFormError(f"{where}: {what} has sub-extensions it does not "
+                                f"support{unknown}; supported: {', '.join(known)}")
+    return parts
+
+
+def _lead(parts: list[dict[str, Any]], where: str) -> Lead | None:
+    """The lead-min and lead-max among `parts`, both or neither."""
+    urls = [p.get("url") for p in parts]
+    if urls.count("lead-min") == urls.count("lead-max") == 0:
+        return None
+    if urls.count("lead-min") != 1 or urls.count("lead-max") != 1:
+        raise ProtocolFormError(f"{where}: a lead needs one lead-min and one lead-max")
+    low, high = (next(p for p in parts if p.get("url") == url).get("valueDuration")
+                 for url in ("lead-min", "lead-max"))
+    if not isinstance(low, dict) or not isinstance(high, dict):
+        raise ProtocolFormError(f"{where}: lead-min and lead-max need a valueDuration")
+    shortest, longest = duration(low, f"{where} lead-min"), duration(high, f"{where} lead-max")
+    if shortest < timedelta(0) or longest < shortest:
+        raise ProtocolFormError(f"{where}: a lead needs 0 <= lead-min <= lead-max "
+                                f"(lead-min {shortest}, lead-max {longest})")
+    return Lead(shortest, longest)
+
+
+def _lead_rule(extension: dict[str, Any], where: str) -> LeadRule:
+    parts = _parts(extension, ("country", "site", "priority", "lead-min", "lead-max"),
+                   "where", where)
+    places = [p for p in parts if p.get("url") in ("country", "site", "priority")]
+    lead = _lead(parts, f"{where} where")
+    if len(places) != 1 or lead is None:
+        raise ProtocolFormError(f"{where}: a where needs one country, site or priority, and "
+                                "a lead")
+    place = places[0]
+    if place["url"] == "site":
+        site = (place.get("valueReference") or {}).get("reference")
+        if not isinstance(site, str) or not _SITE.fullmatch(site):
+            raise ProtocolFormError(f"{where}: where site {site!r} is not a Location "
+                                    "reference")
+        return LeadRule(lead, site=site)
+    if place["url"] == "priority":
+        return LeadRule(lead, priority=_code(place, PRIORITIES, f"{where} where"))
+    country = place.get("valueCode")
+    if not isinstance(country, str) or not _COUNTRY.fullmatch(country):
+        raise ProtocolFormError(f"{where}: where country {country!r} is not an ISO 3166 "
+                                "alpha-2 code in upper case")
+    return LeadRule(lead, country=country)
+
+
+def _service(parts: list[dict[str, Any]], where: str) -> str:
+    coding = next(p for p in parts if p.get("url") == "service").get("valueCoding")
+    code = coding.get("code") if isinstance(coding, dict) else None
+    if not isinstance(coding, dict) or coding.get("system") != SERVICE_SYSTEM \
+            or not isinstance(code, str) or not _SERVICE.fullmatch(code):
+        raise ProtocolFormError(f"{where}: service needs a valueCoding with system "
+                                f"{SERVICE_SYSTEM} and a code")
+    return code
+
+
+def _chain_step(extension: dict[str, Any], is_first: bool, where: str) -> ChainStep:
+    parts = _parts(extension, ("stage", "service", "lead-min", "lead-max", "where"), "step",
+                   where)
+    urls = [p.get("url") for p in parts]
+    stage = next((p.get("valueId") for p in parts if p.get("url") == "stage"), None)
+    if urls.count("stage") != 1 or urls.count("service") != 1 or not isinstance(stage, str) \
+            or not stage:
+        raise ProtocolFormError(f"{where}: a step needs one stage (valueId) and one service")
+    where = f"{where} step {stage}"
+    lead = _lead(parts, where)
+    rules = tuple(_lead_rule(p, where) for p in parts if p.get("url") == "where")
+    # Leads count from the previous step's start: the first step has nothing to count from.
+    if is_first and (lead is not None or rules):
+        raise ProtocolFormError(f"{where}: the first step of a chain has no lead (nor where)")
+    if not is_first and lead is None:
+        raise ProtocolFormError(f"{where}: every step after the first needs a lead-min and "
+                                "a lead-max")
+    return ChainStep(stage, _service(parts, where), lead, rules)
+
+
+def _books(action: dict[str, Any]) -> tuple[ChainStep, ...]:
+    where = f"action {action.get('id')}"
+    chains = [e for e in action.get("extension", []) if e.get("url") == BOOKS_CHAIN]
+    if not chains:
+        return ()
+    if len(chains) > 1:
+        raise ProtocolFormError(f"{where}: books-chain is given twice; one holds every step")
+    parts = _parts(chains[0], ("step",), "books-chain", where)
+    if not 1 <= len(parts) <= MAX_CHAIN_STEPS:
+        raise ProtocolFormError(f"{where}: books-chain has {len(parts)} steps; it needs 1 "
+                                f"to {MAX_CHAIN_STEPS}")
+    where = f"{where} books-chain"
+    steps = [_chain_step(part, index == 0, where) for index, part in enumerate(parts)]
+    booked = [step.stage for step in steps]
+    twice = sorted({stage for stage in booked if booked.count(stage) > 1})
+    if twice:
+        raise ProtocolFormError(f"{where}: stage {', '.join(twice)} is booked twice")
+    return tuple(steps)
+
+
 def _kind(definition: str | None, kinds: dict[str, str]) -> str:
     if definition is None:
         return "Task"
@@ -295,7 +408,7 @@ def _stages(actions: list[dict[str, Any]], parent: str | None,
             escalation_role=escalation.get("valueCode") if escalation else None,
             on_failure=_on_failure(action), parent=parent,
             children=tuple(child.get("id", "") for child in children),
-            assigns=_assigns(action), handoffs=_handoffs(action))
+            assigns=_assigns(action), handoffs=_handoffs(action), books=_books(action))
         yield from _stages(children, stage_id, kinds)
 
 
@@ -322,6 +435,7 @@ def from_plan_definition(plan: dict[str, Any],
         stages[stage.id] = stage
     _check_links(stages)
     _check_assigns(stages)
+    _check_books(stages)
     escalation = _extension(plan, ESCALATION_ROLE)
     return Protocol(url=plan["url"], version=plan.get("version"),
                     title=plan.get("title") or plan["url"], stages=stages,
@@ -345,3 +459,15 @@ def _check_assigns(stages: dict[str, Stage]) -> None:
     if len(assigning) > 1:
         raise ProtocolFormError(f"actions {', '.join(assigning)} all assign the chain of "
                                 "identity; one at most may")
+
+
+def _check_books(stages: dict[str, Stage]) -> None:
+    booking = [stage for stage in stages.values() if stage.books]
+    if len(booking) > 1:
+        raise ProtocolFormError(f"actions {', '.join(s.id for s in booking)} all book a "
+                                "chain; one at most may")
+    for stage in booking:
+        unknown = [step.stage for step in stage.books if step.stage not in stages]
+        if unknown:
+            raise ProtocolFormError(f"action {stage.id}: books-chain books unknown action "
+                                    f"{', '.join(unknown)}")

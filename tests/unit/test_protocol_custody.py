@@ -175,7 +175,7 @@ PROBLEMS = [
     ("unknown-stage-key-far", "  - id: a\n    handoffs: []\n",
      [(4, "unknown key `handoffs` in stage 'a' (expected one of: id, title, description, "
           "kind, role, deadline, after, ends-before, when, escalate, on-failure, assigns, "
-          "custody, steps)")]),
+          "custody, books, steps)")]),
     ("unknown-event", CUSTODY + "      - event: pickup\n        signatures: []\n",
      [(5, "`event`: unknown custody event 'pickup' (did you mean `pick-up`?)")]),
     ("unknown-event-far", CUSTODY + "      - signatures: []\n        event: storage\n",
