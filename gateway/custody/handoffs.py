@@ -201,13 +201,20 @@ def stage_of(ctx: Context, repo: Repository, task: dict[str, Any]) -> Stage | No
     if key is None:
         return None
     careplan = repo.read("CarePlan", key[0])
-    plan_id = (plan_definition_id(ctx, repo, careplan.resource())
-               if careplan is not None and not careplan.deleted else None)
+    if careplan is None or careplan.deleted:
+        return None
+    protocol = compiled_protocol(ctx, repo, careplan.resource())
+    return protocol.stages.get(key[1]) if protocol is not None else None
+
+
+def compiled_protocol(ctx: Context, repo: Repository, resource: dict[str, Any]) -> Protocol | None:
+    """The protocol a CarePlan (or anything with instantiatesCanonical) follows, compiled
+    once per PlanDefinition version; None when it follows none of this server's."""
+    plan_id = plan_definition_id(ctx, repo, resource)
     plan = repo.read("PlanDefinition", plan_id) if plan_id else None
     if plan is None or plan.deleted:
         return None
-    protocol = _compiled(ctx, repo, plan)
-    return protocol.stages.get(key[1]) if protocol is not None else None
+    return _compiled(ctx, repo, plan)
 
 
 _PROTOCOLS: OrderedDict[tuple[str, int, int], Protocol | None] = OrderedDict()

@@ -25,6 +25,7 @@ from gateway.errors import (
     UnprocessableError,
     UnsupportedMediaTypeError,
 )
+from gateway.scheduling import directory, replan, slots
 from gateway.services import access, subscriptions, task_states, visibility
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.resources import (
@@ -49,10 +50,21 @@ WriteRule = Callable[[Context, Repository, Version | None, dict[str, Any]], None
 WRITE_RULES: dict[str, WriteRule] = {"Subscription": subscriptions.prepare_subscription,
                                      "SubscriptionTopic": subscriptions.prepare_topic,
                                      "Provenance": handoffs.check_handoff,
+                                     "Slot": slots.prepare_slot,
+                                     "HealthcareService": directory.check_quotas,
                                      **dict.fromkeys(coi.CARRIERS, coi.keep_coi)}
-# What follows a write of a type, in its transaction (alerts it raises).
+# What follows a write of a type, in its transaction (alerts it raises, the rows that
+# mirror it for scheduling).
 AFTER_WRITES: dict[str, Callable[[Context, Repository, Version], None]] = {
-    "Observation": excursions.check_excursion}
+    "Observation": excursions.check_excursion,
+    "Slot": slots.project_slot,
+    "Schedule": slots.project_schedule,
+    "Appointment": slots.reconcile_appointment,
+    "Task": replan.on_task_write}
+# What must happen before a resource of a type is deleted, in the delete's transaction.
+BEFORE_DELETES: dict[str, Callable[[Context, Repository, str], None]] = {
+    "Slot": slots.before_slot_delete,
+    "Appointment": slots.before_appointment_delete}
 
 
 
@@ -385,6 +397,8 @@ def delete(ctx: Context, request: FhirRequest, resource_type: str,
             current = repo.read(resource_type, resource_id)
             if current is not None and not current.deleted:
                 visibility.check_visible(ctx, repo, resource_type, resource_id)
+        if (before := BEFORE_DELETES.get(resource_type)) is not None:
+            before(ctx, repo, resource_id)
         version = repo.delete(resource_type, resource_id, expected_version=expected)
     if version is None:
         return FhirResponse(200, outcome_bytes(f"{resource_type}/{resource_id} was not there"))
@@ -400,6 +414,8 @@ def conditional_delete(ctx: Context, request: FhirRequest, resource_type: str) -
                 f"The criteria matched several {resource_type} resources; delete one at a time")
         if not ids:
             return FhirResponse(200, outcome_bytes(f"No {resource_type} matched: nothing deleted"))
+        if (before := BEFORE_DELETES.get(resource_type)) is not None:
+            before(ctx, repo, ids[0])
         version = repo.delete(resource_type, ids[0])
     assert version is not None
     return FhirResponse(200, outcome_bytes(f"Deleted {version.reference}"), {"ETag": version.etag})

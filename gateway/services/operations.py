@@ -11,6 +11,8 @@ from typing import Any
 from gateway import fhir, jsonio
 from gateway.custody import report
 from gateway.errors import InvalidError, Issue, NotFoundError, operation_outcome
+from gateway.scheduling import operations as scheduling
+from gateway.scheduling import replan
 from gateway.services import subscriptions
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.resources import body_json
@@ -19,6 +21,9 @@ VALIDATE_MODES = {"create", "update", "delete"}
 SUBSCRIPTION_OPERATIONS = {"status": subscriptions.op_status,
                            "events": subscriptions.op_events,
                            "get-ws-binding-token": subscriptions.op_ws_token}
+CHAIN_OPERATIONS = {"find-chain": scheduling.op_find_chain,
+                    "hold-chain": scheduling.op_hold_chain,
+                    "book-chain": scheduling.op_book_chain}
 
 
 def _unknown(name: str) -> NotFoundError:
@@ -35,6 +40,8 @@ def type_operation(ctx: Context, request: FhirRequest, resource_type: str,
         return validate(ctx, request, resource_type, None)
     if name == "status" and resource_type == "Subscription":
         return subscriptions.op_status(ctx, request, None)
+    if name == "find-chain" and resource_type == "CarePlan":
+        return scheduling.op_find_chain(ctx, request, None)
     raise _unknown(name)
 
 
@@ -52,6 +59,10 @@ def instance_operation(ctx: Context, request: FhirRequest, resource_type: str,
         return report.op_custody_report(ctx, request, resource_type, resource_id)
     if name == "verify-signatures" and resource_type == "Provenance":
         return report.op_verify_signatures(ctx, request, resource_id)
+    if resource_type == "CarePlan" and name in CHAIN_OPERATIONS:
+        return CHAIN_OPERATIONS[name](ctx, request, resource_id)
+    if name == "reschedule" and resource_type == "Appointment":
+        return replan.op_reschedule(ctx, request, resource_id)
     raise _unknown(name)
 
 

@@ -276,3 +276,43 @@ INDEX_TABLES: dict[str, Table] = {
     "string": sp_string, "token": sp_token, "reference": sp_reference, "date": sp_date,
     "number": sp_number, "quantity": sp_quantity, "uri": sp_uri,
 }
+
+# Multi-step scheduling (gateway/scheduling). Each published Slot, as the chain search
+# reads it: its service (the HealthcareService its Schedule serves), time, capacity and
+# how many appointments it holds. Kept in step with the Slot resource by its write rule.
+schedule_slots = Table(
+    "schedule_slots", metadata,
+    Column("slot_id", String(ID), primary_key=True),
+    Column("schedule_id", String(ID), nullable=False),
+    Column("service", String(TOKEN), nullable=True),  # "HealthcareService/<id>"
+    Column("start", BigInteger, nullable=False),
+    Column("end", BigInteger, nullable=False),
+    Column("capacity", Integer, nullable=False),
+    Column("booked", Integer, nullable=False),  # claims of appointments
+    Column("open", Boolean, nullable=False),  # not busy-unavailable nor entered-in-error
+    Index("ix_schedule_slots_service_start", "service", "start"),
+    Index("ix_schedule_slots_schedule", "schedule_id"),
+)
+
+# What takes a slot's room or a patient's time: an active Appointment (one row per slot it
+# books, or one without a slot for a booking made without a published slot), or a
+# time-limited hold ($hold-chain) that no appointment has consumed yet.
+schedule_claims = Table(
+    "schedule_claims", metadata,
+    Column("id", SEQ, primary_key=True, autoincrement=True),
+    Column("slot_id", String(ID), nullable=True),
+    Column("service", String(TOKEN), nullable=True),
+    Column("appointment_id", String(ID), nullable=True),
+    Column("hold_id", String(ID), nullable=True),
+    Column("careplan_id", String(ID), nullable=True),
+    Column("patient", String(TOKEN), nullable=True),  # "Patient/<id>"
+    Column("organization", String(TOKEN), nullable=True),  # the treatment centre, for quotas
+    Column("start", BigInteger, nullable=False),
+    Column("end", BigInteger, nullable=False),
+    Column("expires", BigInteger, nullable=True),  # holds only
+    Index("ix_schedule_claims_slot", "slot_id"),
+    Index("ix_schedule_claims_appointment", "appointment_id"),
+    Index("ix_schedule_claims_hold", "hold_id"),
+    Index("ix_schedule_claims_patient", "patient", "start"),
+    Index("ix_schedule_claims_service", "service", "start"),
+)

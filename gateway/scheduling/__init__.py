@@ -1,0 +1,1 @@
+"""Multi-step scheduling: slot chains across sites, holds, atomic booking, rescheduling."""
