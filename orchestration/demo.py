@@ -26,6 +26,7 @@ import httpx
 from gateway.auth.clients import ROLES, add_client, list_clients, set_disabled
 from gateway.auth.credentials import Credentials, SmartAuth, new_key, public_jwks, token_url
 from gateway.store.database import Database
+from orchestration import demo_scheduling
 from orchestration.demo_custody import Custody
 from orchestration.protocol import Protocol, definitions, from_plan_definition
 from orchestration.state import ROLE_ASSIGNMENT, parse_instant, task_run_key
@@ -60,6 +61,7 @@ class Journey:
     done: set[str] = field(default_factory=set)  # Task ids already completed by the demo
     repeats: int = 0
     status: str = "active"
+    booked: dict[str, tuple[datetime, str]] = field(default_factory=dict)  # stage -> when, where
 
     def stage_times(self, tasks: list[dict[str, Any]], stage: str) -> datetime | None:
         ends = [parse_instant(t.get("executionPeriod", {}).get("end")) for t in tasks
@@ -224,10 +226,40 @@ class Demo:
             moved = True
         return moved
 
+    def sites(self, protocols: list[Protocol], first_day: datetime) -> None:
+        """Publish the sites and slots the protocols' chains are booked in."""
+        services = {step.service for protocol in protocols
+                    if (booking := protocol.booking_stage()) for step in booking.books}
+        providers = {"apheresis": organization_of("apheresis-centre"),
+                     "manufacturing": organization_of("manufacturer"),
+                     "infusion": self.centre}
+        published = demo_scheduling.publish(self._call, services, first_day, providers)
+        if published:
+            self.say(f"published {published} slots at {2 * len(services)} sites "
+                     f"({', '.join(sorted(services))})")
+
+    def _book_chain(self, journey: Journey, task: dict[str, Any]) -> None:
+        """The coordinator books the whole chain; the server completes the Task."""
+        try:
+            journey.booked = demo_scheduling.book(self._call, journey.careplan_id,
+                                                  journey.clock)
+        except RuntimeError as exc:
+            raise DemoError(str(exc)) from exc
+        journey.done.add(task["id"])
+        day = (journey.clock - journey.started).days
+        chain = ", ".join(f"{stage} {when:%d %b} at {where}"
+                          for stage, (when, where) in journey.booked.items())
+        self.say(f"{journey.label}: day {day:>3}  chain booked: {chain}")
+
     def _perform(self, journey: Journey, task: dict[str, Any]) -> None:
         stage = journey.protocol.stages[_stage_of(task)]
+        if stage.books:
+            self._book_chain(journey, task)
+            return
         window = task.get("restriction", {}).get("period", {})
         begin = max(journey.clock, parse_instant(window.get("start")) or journey.clock)
+        if stage.id in journey.booked:  # its appointment is booked: it happens then
+            begin = max(begin, journey.booked[stage.id][0])
         took = (stage.deadline or timedelta(hours=4)) / 2
         end = begin + took
         journey.clock = max(journey.clock, end)
@@ -314,6 +346,7 @@ def run_demo(base_url: str, patients: int, say: Say, *, timeout: float = 120.0,
         available = demo.protocols()
         say(f"{len(available)} protocols on {base_url}: "
             + ", ".join(p.title for _, p in available))
+        demo.sites([p for _, p in available], start)
         journeys = []
         for number in range(patients):
             plan, protocol = available[number % len(available)]

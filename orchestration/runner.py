@@ -24,6 +24,7 @@ from sqlalchemy import Connection, select
 
 from gateway.custody import coi
 from gateway.errors import FhirError
+from gateway.scheduling.operations import booked_chain
 from gateway.services.context import Context
 from gateway.services.protocols import plan_definition_id, protocol_from_store
 from gateway.services.search import match_ids
@@ -206,7 +207,10 @@ class Orchestrator:
         if subject.startswith("Patient/"):
             found = repo.read("Patient", subject.split("/", 1)[1])
             patient = found.resource() if found and not found.deleted else None
-        return plan_state(careplan, tasks, patient), protocol
+        booked = ({stage: v.resource() for stage, v in
+                   booked_chain(ctx, repo, careplan_id).items()}
+                  if protocol.booking_stage() is not None else {})
+        return plan_state(careplan, tasks, patient, booked), protocol
 
     def _protocol_of(self, ctx: Context, repo: Repository,
                      resource: dict[str, Any]) -> Protocol | None:

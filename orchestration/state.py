@@ -63,6 +63,8 @@ class PlanState:
     patient: dict[str, Any] | None
     runs: dict[str, Run]  # each stage's latest run
     assignments: dict[str, str] = field(default_factory=dict)  # role -> Organization ref
+    booked: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The booked chain's Appointment for each stage it books ($book-chain)."""
 
     @property
     def careplan_id(self) -> str:
@@ -131,7 +133,8 @@ def role_assignments(careplan: dict[str, Any]) -> dict[str, str]:
 
 
 def plan_state(careplan: dict[str, Any], tasks: Iterable[dict[str, Any]],
-               patient: dict[str, Any] | None = None) -> PlanState:
+               patient: dict[str, Any] | None = None,
+               booked: dict[str, dict[str, Any]] | None = None) -> PlanState:
     """The latest run of each stage, from the plan's Tasks and its skipped activities."""
     runs: dict[str, Run] = {}
     candidates = [*(r for t in tasks if (r := _task_run(t, careplan["id"]))),
@@ -139,4 +142,4 @@ def plan_state(careplan: dict[str, Any], tasks: Iterable[dict[str, Any]],
     for run in candidates:
         if run.stage not in runs or run.number > runs[run.stage].number:
             runs[run.stage] = run
-    return PlanState(careplan, patient, runs, role_assignments(careplan))
+    return PlanState(careplan, patient, runs, role_assignments(careplan), booked or {})

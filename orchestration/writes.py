@@ -23,6 +23,9 @@ _PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participan
 _FLAG_CATEGORY = "http://terminology.hl7.org/CodeSystem/flag-category"
 
 
+BOOKED_INPUT = "booked appointment"  # Task.input naming the step's booked Appointment
+
+
 def instant(at: datetime) -> str:
     return at.isoformat().replace("+00:00", "Z")
 
@@ -63,6 +66,14 @@ def stage_resources(protocol: Protocol, state: PlanState, effect: StartStage,
         task["for"] = {"reference": state.subject}
     if effect.owner:
         task["owner"] = {"reference": effect.owner}
+    booked = state.booked.get(stage.id)
+    if booked is not None:
+        # Its chain was booked in one go: the Task names that appointment, and needs no
+        # proposed one of its own (its focus stays free for the product handed over).
+        task["input"] = [{"type": {"text": BOOKED_INPUT},
+                          "valueReference": {"reference": f"Appointment/{booked['id']}"}}]
+        if stage.kind == "Appointment":
+            return [task]
     focus = _focus(stage, state, effect, now)
     if focus is None:
         return [task]

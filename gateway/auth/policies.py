@@ -50,6 +50,9 @@ def role_allows(role: str, resource_type: str, right: str) -> bool:
 
 ORG = "{org}"
 OWNED_TASKS = [("owner", ORG)]
+# An appointment at one of its services (HealthcareService.providedBy): what a site or
+# a manufacturer booked through a chain sees of it.
+AT_OWN_SERVICE = [("actor:HealthcareService.organization", ORG)]
 FOCUSED_BY_OWN_TASK = [("_has:Task:focus:owner", ORG)]
 PERFORMED = [("performer", ORG)]
 SIGNED = [("agent", ORG)]
@@ -65,7 +68,7 @@ ROLE_INSTANCES: dict[str, dict[str, list[tuple[str, str]]]] = {
         "Task": [("patient.organization", ORG)],
         "AuditEvent": SIGNED, "Subscription": SUBSCRIBED},
     "apheresis-centre": {
-        "Task": OWNED_TASKS, "Appointment": [("actor", ORG)],
+        "Task": OWNED_TASKS, "Appointment": AT_OWN_SERVICE,
         "Schedule": [("actor", ORG)], "Slot": [("schedule.actor", ORG)],
         "Specimen": FOCUSED_BY_OWN_TASK, "ServiceRequest": PERFORMED,
         "CarePlan": [("_has:Task:based-on:owner", ORG)],
@@ -78,7 +81,7 @@ ROLE_INSTANCES: dict[str, dict[str, list[tuple[str, str]]]] = {
     "manufacturer": {
         "ServiceRequest": PERFORMED, "Task": OWNED_TASKS, "Specimen": FOCUSED_BY_OWN_TASK,
         "BiologicallyDerivedProduct": FOCUSED_BY_OWN_TASK, "Schedule": [("actor", ORG)],
-        "Slot": [("schedule.actor", ORG)], "Appointment": [("actor", ORG)],
+        "Slot": [("schedule.actor", ORG)], "Appointment": AT_OWN_SERVICE,
         "Observation": PERFORMED, "DiagnosticReport": PERFORMED,
         "Patient": [("_has:ServiceRequest:subject:performer", ORG)],
         "Provenance": SIGNED, "AuditEvent": SIGNED, "Subscription": SUBSCRIBED},

@@ -47,7 +47,7 @@ class Directory:
     quotas: list[Quota]
 
 
-def _internal(ctx: Context) -> Context:
+def internal(ctx: Context) -> Context:
     """Sites and routes are read whole: what a caller may book is not what it may see."""
     return replace(ctx, grant=None)
 
@@ -63,7 +63,7 @@ def _service_type(service: dict[str, Any]) -> str | None:
 def _services(ctx: Context, repo: Repository, codes: set[str]) -> dict[str, Service]:
     ids: list[str] = []
     for code in sorted(codes):
-        ids += match_ids(_internal(ctx), repo, "HealthcareService",
+        ids += match_ids(internal(ctx), repo, "HealthcareService",
                          [("service-type", f"{SERVICE_SYSTEM}|{code}")], limit=MAX_LISTED)
     found = repo.read_many([("HealthcareService", i) for i in ids])
     locations = repo.read_many([("Location", i) for v in found.values()
@@ -89,7 +89,7 @@ def _services(ctx: Context, repo: Repository, codes: set[str]) -> dict[str, Serv
 
 def _routes(ctx: Context, repo: Repository, steps: Sequence[ChainStep],
             services: dict[str, Service], centre: str | None) -> list[Route]:
-    ids = match_ids(_internal(ctx), repo, "OrganizationAffiliation",
+    ids = match_ids(internal(ctx), repo, "OrganizationAffiliation",
                     [("role", f"{ROUTE_SYSTEM}|{ROUTE_CODE}")], limit=MAX_LISTED)
     routes = []
     for version in repo.read_many([("OrganizationAffiliation", i) for i in ids]).values():

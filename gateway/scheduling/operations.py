@@ -35,7 +35,13 @@ from gateway.errors import (
     operation_outcome,
 )
 from gateway.scheduling import slots as slot_store
-from gateway.scheduling.directory import Directory, SlotLoader, directory, patient_busy
+from gateway.scheduling.directory import (
+    Directory,
+    SlotLoader,
+    directory,
+    internal,
+    patient_busy,
+)
 from gateway.scheduling.slots import (
     ATM,
     Claim,
@@ -63,6 +69,7 @@ from orchestration.scheduling import (
     find_chains,
 )
 from orchestration.state import task_run_key
+from orchestration.writes import BOOKED_INPUT
 
 CHAIN_SYSTEM = f"{ATM}/sid/chain"  # the identifier shared by one chain's Appointments
 CHAIN_STEP = f"{ATM}/StructureDefinition/chain-step"  # the stage an Appointment books
@@ -504,7 +511,7 @@ def _complete_booking_task(repo: Repository, enrolment: Enrolment,
         repo.update({**resource, "status": "completed", "lastModified": now,
                      "executionPeriod": {**resource.get("executionPeriod", {}), "end": now},
                      "output": [*resource.get("output", []), *(
-                         {"type": {"text": "booked appointment"},
+                         {"type": {"text": BOOKED_INPUT},
                           "valueReference": {"reference": f"Appointment/{a.id}"}}
                          for a in appointments)]}, task_id)
         return task_id
@@ -524,8 +531,8 @@ def stage_of(appointment: dict[str, Any]) -> str | None:
 
 def chain_appointments(ctx: Context, repo: Repository, chain_id: str) -> dict[str, Version]:
     """The active appointments of a chain, by the stage each books."""
-    ids = match_ids(ctx, repo, "Appointment", [("identifier", f"{CHAIN_SYSTEM}|{chain_id}")],
-                    limit=100)
+    ids = match_ids(internal(ctx), repo, "Appointment",
+                    [("identifier", f"{CHAIN_SYSTEM}|{chain_id}")], limit=100)
     found: dict[str, Version] = {}
     for version in repo.read_many([("Appointment", i) for i in ids]).values():
         resource = version.resource()
@@ -547,3 +554,14 @@ def booked_slot(appointment: dict[str, Any]) -> OpenSlot:
 
 def _parse(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def booked_chain(ctx: Context, repo: Repository, careplan_id: str) -> dict[str, Version]:
+    """The enrolment's latest booked chain, by stage."""
+    ids = [i for i, _ in repo.referring("Appointment", "supporting-info", "CarePlan",
+                                        [careplan_id])]
+    chains = {chain for v in repo.read_many([("Appointment", i) for i in ids]).values()
+              if v.resource().get("status") in slot_store.ACTIVE
+              and (chain := chain_id_of(v.resource())) is not None}
+    latest = max(chains, default=None)  # chain ids are time-ordered (UUIDv7)
+    return chain_appointments(ctx, repo, latest) if latest else {}

@@ -199,7 +199,7 @@ def on_task_write(ctx: Context, repo: Repository, version: Version) -> None:
     except (InvalidError, NotFoundError, BusinessRuleError):
         return  # no chain to re-plan
     index = next((i for i, s in enumerate(enrolment.steps) if s.stage == stage), None)
-    booked = _booked_chain(ctx, repo, careplan_id)
+    booked = ops.booked_chain(ctx, repo, careplan_id)
     if index is None or stage not in booked or index == len(enrolment.steps) - 1:
         return
     manufacturing = ops.booked_slot(booked[stage].resource())
@@ -207,17 +207,6 @@ def on_task_write(ctx: Context, repo: Repository, version: Version) -> None:
     if delay <= timedelta(0):
         return
     _propose(ctx, repo, enrolment, booked, index, manufacturing, delay, plan, version, release)
-
-
-def _booked_chain(ctx: Context, repo: Repository, careplan_id: str) -> dict[str, Version]:
-    """The enrolment's latest booked chain, by stage."""
-    ids = [i for i, _ in repo.referring("Appointment", "supporting-info", "CarePlan",
-                                        [careplan_id])]
-    chains = {chain for v in repo.read_many([("Appointment", i) for i in ids]).values()
-              if v.resource().get("status") in slot_store.ACTIVE
-              and (chain := ops.chain_id_of(v.resource())) is not None}
-    latest = max(chains, default=None)  # chain ids are time-ordered (UUIDv7)
-    return ops.chain_appointments(ctx, repo, latest) if latest else {}
 
 
 def _propose(ctx: Context, repo: Repository, enrolment: ops.Enrolment,

@@ -109,8 +109,10 @@ def _subscription() -> dict[str, Any]:
 
 # Operations some types have beside $validate (gateway/custody/report.py).
 EXTRA_OPERATIONS = {
-    "CarePlan": ("custody-report",), "BiologicallyDerivedProduct": ("custody-report",),
-    "Specimen": ("custody-report",), "Provenance": ("verify-signatures",)}
+    "CarePlan": ("custody-report", "find-chain", "hold-chain", "book-chain"),
+    "BiologicallyDerivedProduct": ("custody-report",),
+    "Specimen": ("custody-report",), "Provenance": ("verify-signatures",),
+    "Appointment": ("reschedule",)}
 
 
 def _with_operations(resource: dict[str, Any]) -> dict[str, Any]:

@@ -79,3 +79,15 @@ def test_demo_plays_every_shipped_protocol_to_completion(orchestrated_server: st
                 hours = summary_params["vein-to-vein"]["valueQuantity"]["value"]
                 assert abs(hours / 24 - vein_to_vein) <= 2, (hours, vein_to_vein)
     assert sum("custody: " in line for line in said) >= 15
+    # Each patient's chain was booked by the coordinator in one go, and the Tasks of the
+    # steps it booked are about those appointments.
+    assert sum("chain booked: " in line for line in said) == 3, "\n".join(said)
+    with httpx.Client(base_url=orchestrated_server + "/",
+                      auth=admin_auth(db, orchestrated_server)) as client:
+        booked = client.get("Appointment?status=booked&_count=50").json()["entry"]
+        assert len(booked) == 3 + 3 + 1  # CAR-T, ex-vivo: three steps; allogeneic: one
+        infusions = client.get("Task?code=infusion&_count=10").json()["entry"]
+        named = {i["valueReference"]["reference"] for t in infusions
+                 for i in t["resource"].get("input", [])}
+        assert named == {f"Appointment/{a['resource']['id']}" for a in booked
+                         if "infusion" in str(a["resource"]["extension"])}

@@ -81,6 +81,7 @@ class Network:
                                      "address": {"country": country}})
         service: dict[str, Any] = {
             "resourceType": "HealthcareService", "id": name, "name": f"{kind} at {name}",
+            "providedBy": {"reference": f"Organization/{name}"},
             "type": [{"coding": [{"system": SERVICE_SYSTEM, "code": kind}]}],
             "location": [{"reference": f"Location/{location['id']}"}]}
         if quota is not None:

@@ -65,7 +65,7 @@ def test_validate_shipped_protocols_prints_ok_with_stage_counts() -> None:
     result = runner.invoke(app, ["protocols", "validate", *map(str, SHIPPED)])
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [
-        f"{SHIPPED[0]}: ok (16 stages)", f"{SHIPPED[1]}: ok (23 stages)",
+        f"{SHIPPED[0]}: ok (17 stages)", f"{SHIPPED[1]}: ok (23 stages)",
         f"{SHIPPED[2]}: ok (22 stages)"]
 
 

@@ -14,8 +14,10 @@ from fastapi.testclient import TestClient
 from gateway.scheduling.operations import CHAIN_STEP, OVERRIDE
 from gateway.scheduling.replan import EXPECTED_RELEASE
 from gateway.settings import Settings
+from gateway.store.database import Database
 from orchestration.state import KEY_SYSTEM
 from tests.conftest import client_with
+from tests.integration.auth_support import bearer
 from tests.integration.scheduling_support import (
     DAY,
     FHIR,
@@ -380,3 +382,33 @@ def test_a_manufacturing_delay_proposes_a_new_infusion_and_tells_the_team(
                        headers=FHIR)
     assert len(network.client.get("/fhir/Communication", params={
         "based-on": f"CarePlan/{careplan['id']}"}).json()["entry"]) == 1
+
+
+# -- who sees what ----------------------------------------------------------------------------
+def test_a_site_sees_the_appointments_booked_at_its_services(settings: Settings,
+                                                               db: Database) -> None:
+    with client_with(settings, load_protocols=True, auth="smart") as server:
+        admin = bearer(server, db, "admin", "Organization/ops")
+        server.headers.update(admin)
+        network = build(server)
+        careplan = network.enrol()
+        appointments = _booked(network, careplan)
+        manufacturer = bearer(server, db, "manufacturer", "Organization/mfg")
+        listed = server.get("/fhir/Appointment", headers=manufacturer).json()
+        assert [e["resource"]["id"] for e in listed.get("entry", [])] == [
+            appointments["manufacturing"]["id"]]
+        other = server.get(f"/fhir/Appointment/{appointments['apheresis']['id']}",
+                           headers=manufacturer)
+        assert other.status_code == 404
+        # A partner that may not create appointments books nothing.
+        courier = bearer(server, db, "courier", "Organization/courier")
+        response = server.post(f"/fhir/CarePlan/{careplan['id']}/$book-chain", headers=courier,
+                               json={"resourceType": "Parameters", "parameter": []})
+        assert response.status_code == 403
+
+
+def test_the_capability_statement_lists_the_scheduling_operations(server: TestClient) -> None:
+    resources = {r["type"]: r for r in server.get("/fhir/metadata").json()["rest"][0]["resource"]}
+    assert {"find-chain", "hold-chain", "book-chain"} <= {
+        o["name"] for o in resources["CarePlan"]["operation"]}
+    assert "reschedule" in {o["name"] for o in resources["Appointment"]["operation"]}

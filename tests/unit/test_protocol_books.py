@@ -530,9 +530,12 @@ def test_ex_vivo_gene_therapy_books_collection_manufacturing_and_infusion() -> N
                                "receipt", "conditioning")), timedelta(days=2))
 
 
-def test_allogeneic_books_the_infusion_bed_with_the_lot() -> None:
-    booking = _shipped("allogeneic-cell-therapy").booking_stage()
-    assert booking is not None and booking.id == "product-allocation"
+def test_allogeneic_books_the_infusion_bed_once_a_lot_is_reserved() -> None:
+    protocol = _shipped("allogeneic-cell-therapy")
+    booking = protocol.booking_stage()
+    assert booking is not None and booking.id == "infusion-booking"
+    assert booking.role == "coordinator"
+    assert [link.stage for link in booking.after] == ["product-allocation"]
     assert booking.books == (ChainStep("infusion", "infusion"),)
 
 
