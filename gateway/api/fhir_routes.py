@@ -106,3 +106,19 @@ def _add_routes() -> None:
            "Accept: text/html for the printable document)", params=[_TYPE, _ID])
     _route("/Provenance/{id}/$verify-signatures", ["GET"], "verify a custody record's "
            "signatures against the versions they cover (a Parameters)", params=[_ID])
+    _route("/CarePlan/$find-chain", ["GET", "POST"], "ranked slot chains for a protocol "
+           "(protocol, patient, start, end, priority, count, organization; a Parameters)",
+           params=no_params)
+    _route("/CarePlan/{id}/$find-chain", ["GET", "POST"], "ranked slot chains for an "
+           "enrolment (start, end, priority, count; a Parameters with each chain, or the "
+           "reasons there are none)", params=[_ID])
+    _route("/CarePlan/{id}/$hold-chain", ["POST"], "hold a chain's slots for some minutes "
+           "(a chain or slots, minutes)", params=[_ID], body=_RESOURCE_BODY)
+    _route("/CarePlan/{id}/$book-chain", ["POST"], "book a chain in one transaction (a "
+           "hold, a chain, slots, or steps without a published slot with a reason); 409 "
+           "with fresh chains when a slot was taken", params=[_ID], body=_RESOURCE_BODY)
+    _route("/CarePlan/{id}/$cancel-chain", ["POST"], "cancel the booked chain (reason)",
+           params=[_ID], body=_RESOURCE_BODY)
+    _route("/Appointment/{id}/$reschedule", ["POST"], "move one appointment of a chain "
+           "(slot, or service+start+end+reason; apply=true to make the moves) and propose "
+           "or make the moves downstream", params=[_ID], body=_RESOURCE_BODY)

@@ -1,4 +1,5 @@
-"""Moving a booked chain: a coordinator's reschedule, and a manufacturing delay.
+"""Moving a booked chain: a coordinator's reschedule or cancellation, and a
+manufacturing delay.
 
 `Appointment/{id}/$reschedule` moves one appointment of a chain to another slot (or, with
 a reason, to a time without a published slot). The steps before it stay where they are
@@ -9,20 +10,24 @@ made in one transaction: old slots freed, new ones taken, each Appointment a new
 version. What cannot be done (a lead time broken upstream, no slot downstream, the
 patient busy, a slot full) is a 409 that says why, never a silent double booking.
 
-A manufacturing delay is reported by the LIMS as a new expected release on the
-manufacturing Task (extension `expected-release`). When it is later than the booked
+A manufacturing delay is reported by the LIMS as a new expected release (extension
+`expected-release`) on the manufacturing Task or on the product. When it is later than the booked
 manufacturing appointment ends, the steps after it are re-planned as a proposal, from
 the delayed release, and the enrolment's care team and partners are told by an urgent
 Communication (which subscription topics on Communication also deliver). The proposal
 is confirmed with $reschedule.
+
+`CarePlan/{id}/$cancel-chain` cancels the whole booked chain with a reason.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 from gateway import jsonio
+from gateway.custody.coi import careplan_of_code, coi_of
 from gateway.custody.excursions import alert
 from gateway.errors import (
     BusinessRuleError,
@@ -33,12 +38,13 @@ from gateway.errors import (
 )
 from gateway.scheduling import operations as ops
 from gateway.scheduling import slots as slot_store
-from gateway.scheduling.directory import SlotLoader, directory, patient_busy
+from gateway.scheduling.directory import SlotLoader, directory, internal, patient_busy
 from gateway.scheduling.slots import ATM, moment, to_micros
 from gateway.services import access, visibility
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.store.repository import Repository, Version
 from gateway.store.timeparse import format_instant, now_micros
+from orchestration.chains import ChainStep
 from orchestration.scheduling import Found, OpenSlot, Query, check_chain, find_chains
 from orchestration.state import task_run_key
 
@@ -181,32 +187,61 @@ def expected_release(task: dict[str, Any]) -> str | None:
 
 
 def on_task_write(ctx: Context, repo: Repository, version: Version) -> None:
-    """After a Task write: a later expected release re-plans the steps after it."""
+    """After a Task write: a later expected release re-plans the steps after its stage."""
     task = version.resource()
-    release = expected_release(task)
     key = task_run_key(task)
-    if release is None or key is None:
+    if key is not None and _release_changed(repo, version):
+        careplan_id, stage, _ = key
+        _delayed(ctx, repo, careplan_id, lambda steps: stage, version)
+
+
+def on_product_write(ctx: Context, repo: Repository, version: Version) -> None:
+    """After a BiologicallyDerivedProduct write: a later expected release re-plans the
+    steps after manufacturing, for the enrolment its chain of identity names."""
+    if not _release_changed(repo, version):
         return
-    previous = repo.vread("Task", version.id, version.version - 1) if version.version > 1 else None
-    if previous is not None and expected_release(previous.resource()) == release:
-        return
-    careplan_id, stage, _ = key
+    code = coi_of(version.resource())
+    careplan = careplan_of_code(repo, code) if code else None
+    if careplan is not None:
+        _delayed(ctx, repo, careplan.id, _manufacturing_step, version)
+
+
+def _manufacturing_step(steps: tuple[ChainStep, ...]) -> str | None:
+    return next((s.stage for s in steps if s.service == "manufacturing"), None)
+
+
+def _release_changed(repo: Repository, version: Version) -> bool:
+    """The version carries an expected release its previous version did not."""
+    release = expected_release(version.resource())
+    if release is None:
+        return False
+    previous = (repo.vread(version.resource_type, version.id, version.version - 1)
+                if version.version > 1 else None)
+    return previous is None or expected_release(previous.resource()) != release
+
+
+def _delayed(ctx: Context, repo: Repository, careplan_id: str,
+             stage_of: Callable[[tuple[ChainStep, ...]], str | None], reported: Version) -> None:
+    """The steps after the delayed one, re-planned as a proposal, and everyone told."""
     plan = repo.read("CarePlan", careplan_id)
     if plan is None or plan.deleted:
         return
     try:
-        enrolment = ops.enrolment_of(ctx, repo, careplan_id)
+        enrolment = ops.enrolment_of(internal(ctx), repo, careplan_id)
     except (InvalidError, NotFoundError, BusinessRuleError):
         return  # no chain to re-plan
+    stage = stage_of(enrolment.steps)
     index = next((i for i, s in enumerate(enrolment.steps) if s.stage == stage), None)
     booked = ops.booked_chain(ctx, repo, careplan_id)
     if index is None or stage not in booked or index == len(enrolment.steps) - 1:
         return
-    manufacturing = ops.booked_slot(booked[stage].resource())
-    delay = slot_store.moment(slot_store.micros(release, "Task.extension")) - manufacturing.end
+    release = expected_release(reported.resource()) or ""
+    manufacturing = ops.booked_slot(booked[enrolment.steps[index].stage].resource())
+    delay = moment(slot_store.micros(release, f"{reported.resource_type}.extension")) - (
+        manufacturing.end)
     if delay <= timedelta(0):
         return
-    _propose(ctx, repo, enrolment, booked, index, manufacturing, delay, plan, version, release)
+    _propose(ctx, repo, enrolment, booked, index, manufacturing, delay, plan, reported, release)
 
 
 def _propose(ctx: Context, repo: Repository, enrolment: ops.Enrolment,
@@ -224,7 +259,7 @@ def _propose(ctx: Context, repo: Repository, enrolment: ops.Enrolment,
                         tuple(v.id for v in booked.values()))
     found_in = directory(ctx, repo, steps, enrolment.centre, (shifted.start, ops.FAR))
     found = _downstream(repo, steps, pinned, index, current, found_in, busy, delay)
-    about = [{"reference": f"Task/{task.id}"}] + [
+    about = [{"reference": f"{task.resource_type}/{task.id}"}] + [
         {"reference": f"Appointment/{v.id}"} for v in booked.values()]
     header = (f"Manufacturing delay: the expected release is now {release}, "
               f"{delay.days} d {delay.seconds // 3600} h later than booked.")
@@ -248,3 +283,27 @@ def _propose(ctx: Context, repo: Repository, enrolment: ops.Enrolment,
           f"{header} Proposed: {'; '.join(moves) or 'no change'}. Confirm with "
           f"Appointment/{{id}}/$reschedule and apply=true. Proposal: "
           f"{jsonio.dumps(proposal).decode()}", TOLD, format_instant(now_micros()))
+
+
+# -- $cancel-chain ---------------------------------------------------------------------------
+def op_cancel_chain(ctx: Context, request: FhirRequest, careplan_id: str) -> FhirResponse:
+    """Cancel every appointment of the enrolment's booked chain, with a reason, in one
+    transaction; their slots are free again. The chain can then be booked anew."""
+    if request.method != "POST":
+        raise MethodNotAllowedError("$cancel-chain is invoked with POST",
+                                    headers={"Allow": "POST"})
+    access.check_may_create(ctx.grant, "Appointment")
+    reason = ops.text(ops.arguments(request), "reason")
+    if not reason:
+        raise InvalidError("$cancel-chain needs a reason")
+    with ctx.writing() as repo:
+        ops.enrolment_of(ctx, repo, careplan_id)  # known, visible and following a protocol
+        booked = ops.booked_chain(ctx, repo, careplan_id)
+        if not booked:
+            raise NotFoundError(f"CarePlan/{careplan_id} has no booked chain")
+        for version in booked.values():
+            cancelled, _ = repo.update({**version.resource(), "status": "cancelled",
+                                        "cancelationReason": {"text": reason}}, version.id)
+            slot_store.reconcile_appointment(ctx, repo, cancelled)
+    return ops.respond([{"name": "cancelled", "valueReference": {
+        "reference": f"Appointment/{v.id}"}} for v in booked.values()])

@@ -109,7 +109,7 @@ def _subscription() -> dict[str, Any]:
 
 # Operations some types have beside $validate (gateway/custody/report.py).
 EXTRA_OPERATIONS = {
-    "CarePlan": ("custody-report", "find-chain", "hold-chain", "book-chain"),
+    "CarePlan": ("custody-report", "find-chain", "hold-chain", "book-chain", "cancel-chain"),
     "BiologicallyDerivedProduct": ("custody-report",),
     "Specimen": ("custody-report",), "Provenance": ("verify-signatures",),
     "Appointment": ("reschedule",)}

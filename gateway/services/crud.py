@@ -60,7 +60,8 @@ AFTER_WRITES: dict[str, Callable[[Context, Repository, Version], None]] = {
     "Slot": slots.project_slot,
     "Schedule": slots.project_schedule,
     "Appointment": slots.reconcile_appointment,
-    "Task": replan.on_task_write}
+    "Task": replan.on_task_write,
+    "BiologicallyDerivedProduct": replan.on_product_write}
 # What must happen before a resource of a type is deleted, in the delete's transaction.
 BEFORE_DELETES: dict[str, Callable[[Context, Repository, str], None]] = {
     "Slot": slots.before_slot_delete,

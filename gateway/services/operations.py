@@ -23,7 +23,8 @@ SUBSCRIPTION_OPERATIONS = {"status": subscriptions.op_status,
                            "get-ws-binding-token": subscriptions.op_ws_token}
 CHAIN_OPERATIONS = {"find-chain": scheduling.op_find_chain,
                     "hold-chain": scheduling.op_hold_chain,
-                    "book-chain": scheduling.op_book_chain}
+                    "book-chain": scheduling.op_book_chain,
+                    "cancel-chain": replan.op_cancel_chain}
 
 
 def _unknown(name: str) -> NotFoundError:

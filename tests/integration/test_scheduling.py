@@ -11,10 +11,13 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from gateway.custody import coi
 from gateway.scheduling.operations import CHAIN_STEP, OVERRIDE
 from gateway.scheduling.replan import EXPECTED_RELEASE
+from gateway.services.context import Context
 from gateway.settings import Settings
 from gateway.store.database import Database
+from gateway.store.repository import Repository
 from orchestration.state import KEY_SYSTEM
 from tests.conftest import client_with
 from tests.integration.auth_support import bearer
@@ -31,6 +34,11 @@ from tests.integration.scheduling_support import (
     quota,
     slot_parameters,
     steps_of,
+)
+from tests.integration.subscription_support import (
+    receiving,
+    subscription,
+    subscription_settings,
 )
 
 
@@ -412,3 +420,58 @@ def test_the_capability_statement_lists_the_scheduling_operations(server: TestCl
     assert {"find-chain", "hold-chain", "book-chain"} <= {
         o["name"] for o in resources["CarePlan"]["operation"]}
     assert "reschedule" in {o["name"] for o in resources["Appointment"]["operation"]}
+
+
+def test_cancel_chain_frees_every_slot(network: Network) -> None:
+    careplan = network.enrol()
+    booked = _booked(network, careplan)
+    url = f"/fhir/CarePlan/{careplan['id']}/$cancel-chain"
+    missing = network.client.post(url, json={"resourceType": "Parameters"}, headers=FHIR)
+    assert missing.status_code == 400
+    response = network.client.post(url, headers=FHIR, json={
+        "resourceType": "Parameters",
+        "parameter": [{"name": "reason", "valueString": "Patient withdrew consent"}]})
+    assert response.status_code == 200, response.text
+    for appointment in booked.values():
+        now = read(network, f"Appointment/{appointment['id']}")
+        assert now["status"] == "cancelled"
+        assert now["cancelationReason"]["text"] == "Patient withdrew consent"
+        assert read(network, appointment["slot"][0]["reference"])["status"] == "free"
+    again = network.client.post(url, headers=FHIR, json={
+        "resourceType": "Parameters", "parameter": [{"name": "reason", "valueString": "x"}]})
+    assert again.status_code == 404
+    # The same chain can be booked again.
+    _booked(network, careplan)
+
+
+def test_a_delay_reported_on_the_product_reaches_subscribers(
+        settings: Settings, db: Database) -> None:
+    with receiving() as receiver, client_with(settings, **subscription_settings(settings),
+                                              load_protocols=True) as server:
+        network = build(server)
+        careplan = network.enrol()
+        booked = _booked(network, careplan)
+        with db.write() as conn:
+            code = coi.assign(Context(db=db, settings=settings,
+                                      base_url="http://testserver/fhir"),
+                              Repository(conn), careplan["id"])
+        response = server.post("/fhir/Subscription", headers=FHIR, json=subscription(
+            receiver.url(), "communication-sent", content="full-resource",
+            filters=("Communication?recipient=Organization/centre",)))
+        assert response.status_code == 201, response.text
+        receiver.wait_for(lambda r: bool(r.of_kind("handshake")))
+        product = post(server, {
+            "resourceType": "BiologicallyDerivedProduct", "status": "available",
+            "identifier": [{"system": coi.COI_SYSTEM, "value": code}]})
+        end = when(booked["manufacturing"]["end"])
+        response = server.put(f"/fhir/BiologicallyDerivedProduct/{product['id']}", headers=FHIR,
+                              json={**product, "extension": [{
+                                  "url": EXPECTED_RELEASE,
+                                  "valueDateTime": instant(end + 9 * DAY)}]})
+        assert response.status_code == 200, response.text
+        receiver.wait_for(lambda r: bool(r.of_kind("event-notification")))
+    sent = [e["resource"] for r in receiver.of_kind("event-notification")
+            for e in r.bundle["entry"][1:] if e.get("resource")]
+    assert len(sent) == 1
+    assert "Manufacturing delay" in sent[0]["payload"][0]["contentString"]
+    assert {"reference": f"BiologicallyDerivedProduct/{product['id']}"} in sent[0]["about"]

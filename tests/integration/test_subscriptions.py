@@ -79,7 +79,7 @@ def test_shipped_topics_are_listed_and_found_by_url(server: TestClient) -> None:
     urls = {e["resource"]["url"] for e in listed["entry"]}
     assert {TOPICS + name for name in ("manufacturing-order", "task-status", "product-status",
                                        "custody-event", "appointment-changed",
-                                       "careplan-status")} <= urls
+                                       "careplan-status", "communication-sent")} <= urls
     found = server.get("/fhir/SubscriptionTopic", params={"url": TOPICS + "custody-event"})
     assert [e["resource"]["id"] for e in found.json()["entry"]] == ["custody-event"]
 
