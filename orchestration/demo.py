@@ -258,8 +258,9 @@ class Demo:
             return
         window = task.get("restriction", {}).get("period", {})
         begin = max(journey.clock, parse_instant(window.get("start")) or journey.clock)
-        if stage.id in journey.booked:  # its appointment is booked: it happens then
-            begin = max(begin, journey.booked[stage.id][0])
+        booked = journey.booked.get(stage.id) or journey.booked.get(stage.parent or "")
+        if booked is not None:  # its appointment (or its parent's) is booked: then it is
+            begin = max(begin, booked[0])
         took = (stage.deadline or timedelta(hours=4)) / 2
         end = begin + took
         journey.clock = max(journey.clock, end)
