@@ -475,3 +475,104 @@ def test_a_delay_reported_on_the_product_reaches_subscribers(
     assert len(sent) == 1
     assert "Manufacturing delay" in sent[0]["payload"][0]["contentString"]
     assert {"reference": f"BiologicallyDerivedProduct/{product['id']}"} in sent[0]["about"]
+
+
+# -- slots and holds at their edges -------------------------------------------------------------
+@pytest.mark.parametrize("change, status, message", [
+    ({"schedule": {"reference": "Schedule/none"}}, 422, "must name a Schedule"),
+    ({"end": "2020-01-01T00:00:00Z"}, 422, "Slot.start must be before Slot.end"),
+    ({"start": "2027-01-01T09:00:00"}, 400, "Instant value"),  # an instant has a zone
+    ({"extension": [{"url": "https://atm-gateway.org/fhir/StructureDefinition/slot-capacity",
+                     "valueUnsignedInt": 0}]}, 422, "slot-capacity must be a whole number"),
+])
+def test_a_bad_slot_is_refused(network: Network, change: dict[str, Any], status: int,
+                               message: str) -> None:
+    slot = {"resourceType": "Slot", "schedule": {"reference": network.schedules["aph-a"]},
+            "status": "free", "start": "2027-01-01T09:00:00Z", "end": "2027-01-01T10:00:00Z",
+            **change}
+    response = network.client.post("/fhir/Slot", json=slot, headers=FHIR)
+    assert response.status_code == status
+    assert message in response.json()["issue"][0]["diagnostics"]
+
+
+def test_capacity_cannot_drop_below_what_is_booked(server: TestClient) -> None:
+    network = build(server, mfg_capacity=3)
+    for family in ("One", "Two"):
+        careplan = network.enrol(family)
+        book(network, careplan, slot_parameters(network.chains(careplan, count="1")[0]))
+    slot_ref = read(network, "Appointment?_count=1&service-type=manufacturing")
+    slot_id = slot_ref["entry"][0]["resource"]["slot"][0]["reference"]
+    slot = read(network, slot_id)
+    one = {**slot, "extension": [{"url": "https://atm-gateway.org/fhir/StructureDefinition/"
+                                          "slot-capacity", "valueUnsignedInt": 1}]}
+    response = server.put(f"/fhir/{slot_id}", json=one, headers=FHIR)
+    assert response.status_code == 409
+    assert "holds 2 appointments" in response.json()["issue"][0]["diagnostics"]
+    # Closing it is allowed (the bookings stay), and nothing more can be booked in it.
+    closed = server.put(f"/fhir/{slot_id}", json={**slot, "status": "busy-unavailable"},
+                        headers=FHIR)
+    assert closed.status_code == 200 and closed.json()["status"] == "busy-unavailable"
+
+
+def test_a_stale_hold_books_nothing(network: Network, monkeypatch: pytest.MonkeyPatch) -> None:
+    careplan = network.enrol()
+    chain = network.chains(careplan, count="1")[0]
+    response = network.client.post(f"/fhir/CarePlan/{careplan['id']}/$hold-chain",
+                                   json={**slot_parameters(chain), "parameter": [
+                                       *slot_parameters(chain)["parameter"],
+                                       {"name": "minutes", "valueInteger": 1}]},
+                                   headers=FHIR)
+    assert response.status_code == 200, response.text
+    hold = params(response.json())["hold"][0]["valueString"]
+    expires = when(params(response.json())["expires"][0]["valueInstant"])
+    assert timedelta(seconds=50) < expires - datetime.now(expires.tzinfo) <= timedelta(minutes=1)
+    # A minute later (the server's clock moved on), the hold is gone: its slots are free.
+    from gateway.scheduling import directory, operations, slots
+    from gateway.store import timeparse
+
+    later = timeparse.now_micros() + 61_000_000
+    for module in (directory, operations, slots):
+        monkeypatch.setattr(module, "now_micros", lambda: later)
+    outcome = book(network, careplan, {"resourceType": "Parameters", "parameter": [
+        {"name": "hold", "valueString": hold}]}, status=422)
+    assert "has expired" in outcome["issue"][0]["diagnostics"]
+    offered = {s["slot"] for c in network.chains(careplan) for s in steps_of(c).values()}
+    assert {s["slot"] for s in steps_of(chain).values()} <= offered
+
+
+def test_a_hold_is_of_published_slots_only(network: Network) -> None:
+    careplan = network.enrol()
+    response = network.client.post(
+        f"/fhir/CarePlan/{careplan['id']}/$hold-chain", headers=FHIR,
+        json={"resourceType": "Parameters", "parameter": [
+            {"name": "slot", "valueReference": {"reference": "Slot/nowhere"}}] * 3})
+    assert response.status_code == 422
+    assert "is not a published Slot" in response.json()["issue"][0]["diagnostics"]
+    assert network.client.get(f"/fhir/CarePlan/{careplan['id']}/$hold-chain").status_code == 405
+    not_parameters = network.client.post(f"/fhir/CarePlan/{careplan['id']}/$book-chain",
+                                         json={"resourceType": "Patient"}, headers=FHIR)
+    assert not_parameters.status_code == 400
+
+
+def test_reschedule_without_a_published_slot_and_outside_a_chain(network: Network) -> None:
+    careplan = network.enrol()
+    booked = _booked(network, careplan)
+    infusion = when(booked["infusion"]["start"]) + timedelta(hours=5)
+    response = network.client.post(
+        f"/fhir/Appointment/{booked['infusion']['id']}/$reschedule", headers=FHIR,
+        json={"resourceType": "Parameters", "parameter": [
+            {"name": "service", "valueReference": {"reference": "HealthcareService/inf-b"}},
+            {"name": "start", "valueDateTime": instant(infusion)},
+            {"name": "end", "valueDateTime": instant(infusion + timedelta(hours=2))},
+            {"name": "reason", "valueString": "Ward B took the patient in the evening"},
+            {"name": "apply", "valueBoolean": True}]})
+    assert response.status_code == 200, response.text
+    moved = read(network, f"Appointment/{booked['infusion']['id']}")
+    assert "slot" not in moved and moved["start"].startswith(instant(infusion)[:16])
+    assert read(network, booked["infusion"]["slot"][0]["reference"])["status"] == "free"
+    plain = post(network.client, {"resourceType": "Appointment", "status": "proposed",
+                                  "participant": [{"status": "needs-action"}]})
+    outside = network.client.post(f"/fhir/Appointment/{plain['id']}/$reschedule", headers=FHIR,
+                                  json={"resourceType": "Parameters", "parameter": []})
+    assert outside.status_code == 400
+    assert "was not booked as part of a chain" in outside.json()["issue"][0]["diagnostics"]
