@@ -1,7 +1,7 @@
 """Checks between the parts of a protocol: unique ids, known roles, stage references that
 resolve to the right stages, no dependency cycle through `after`, one stage at most
 that `assigns` the chain of identity, and one at most that `books` a chain of stages
-the protocol has.
+the protocol has, each step a sibling of the one before it.
 
 Rules from orchestration/PROTOCOLS.md: `after` and `ends-before` name siblings; a loop
 exists only through `on-failure`, whose `back-to` names a stage the failing stage depends
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from mappings.protocol_model import FHIR_ID_LENGTH, ID_PATTERN, Problem, Protocol, Ref, Stage
 
@@ -75,7 +76,8 @@ def _assigns(protocol: Protocol) -> Iterable[Problem]:
 
 def _books(protocol: Protocol, known: set[str]) -> Iterable[Problem]:
     """An enrolment books its chain once, so one stage at most may book one; its steps
-    name stages of the protocol, at any level."""
+    name stages of the protocol, at any level, each a sibling of the step before it."""
+    parents = _parents(protocol)
     first: tuple[str, int] | None = None
     for stage in protocol.all_stages():
         if stage.books is None:
@@ -88,6 +90,28 @@ def _books(protocol: Protocol, known: set[str]) -> Iterable[Problem]:
         for step in stage.books.steps:
             if step.stage.name not in known:
                 yield Problem(step.stage.line, f"`step`: unknown stage '{step.stage.name}'")
+        # A step's lead becomes its action's relatedAction after-start on the previous
+        # step's action, and a relatedAction names a sibling.
+        for previous, step in pairwise(stage.books.steps):
+            names = (previous.stage.name, step.stage.name)
+            if all(name in known for name in names) \
+                    and parents[names[0]] != parents[names[1]]:
+                yield Problem(step.stage.line, "`step`: a chain step's lead runs from the "
+                              "previous step, which must be a sibling stage (same parent); "
+                              f"'{names[1]}' is not a sibling of '{names[0]}'")
+
+
+def _parents(protocol: Protocol) -> dict[str, str | None]:
+    """Each stage id's parent id (None at the top), the first of duplicates."""
+    parents: dict[str, str | None] = {}
+
+    def walk(stages: tuple[Stage, ...], parent: str | None) -> None:
+        for stage in stages:
+            parents.setdefault(stage.id, parent)
+            walk(stage.steps, stage.id)
+
+    walk(protocol.stages, None)
+    return parents
 
 
 @dataclass

@@ -5,6 +5,7 @@ it. https://hl7.org/fhir/R4/plandefinition.html, activitydefinition.html
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
 from mappings.protocol_model import (
@@ -122,9 +123,7 @@ def _custody_handoff(handoff: Handoff) -> Json:
     ]}
 
 
-def _lead(lead: Lead | None) -> list[Json]:
-    if lead is None:
-        return []
+def _lead(lead: Lead) -> list[Json]:
     return [{"url": "lead-min", "valueDuration": duration(lead.min)},
             {"url": "lead-max", "valueDuration": duration(lead.max)}]
 
@@ -134,10 +133,11 @@ def _lead_rule(rule: LeadRule) -> Json:
 
 
 def _chain_step(step: ChainStep) -> Json:
+    # The default lead is the step's relatedAction after-start (see _chain_lead); only the
+    # overrides, which FHIR has no standard place for, stay in the extension.
     return {"url": "step", "extension": [
         {"url": "stage", "valueId": step.stage.name},
         {"url": "service", "valueCoding": {"system": SCHEDULING_SERVICES, "code": step.service}},
-        *_lead(step.lead),
         *(_lead_rule(rule) for rule in step.where),
     ]}
 
@@ -184,7 +184,7 @@ def action(protocol: Protocol, stage: Stage) -> Json:
         "title": stage.display,
         "description": stage.description,
         "condition": _condition(stage.when),
-        "relatedAction": _related_actions(stage),
+        "relatedAction": _related_actions(protocol, stage),
         "timingDuration": duration(stage.deadline) if stage.deadline else None,
         "participant": _participant(stage.role),
         "definitionCanonical": _versioned(protocol, activity_definition_url(protocol, stage)),
@@ -199,12 +199,33 @@ def _condition(expression: str | None) -> list[Json]:
              "expression": {"language": FHIRPATH, "expression": expression}}]
 
 
-def _related_actions(stage: Stage) -> list[Json]:
+def _related_actions(protocol: Protocol, stage: Stage) -> list[Json]:
     related = [_related(after.stage.name, "after-end", after.gap) for after in stage.after]
     if stage.ends_before is not None:
         related.append(_related(stage.ends_before.stage.name, "before-start",
                                 stage.ends_before.by))
+    lead = _chain_lead(protocol, stage)
+    if lead is not None:
+        related.append(_lead_related(*lead))
     return related
+
+
+def _chain_lead(protocol: Protocol, stage: Stage) -> tuple[str, Lead] | None:
+    """The previous chain step's stage and the lead from its start, when `stage` is a
+    booked step after the first."""
+    for booking in protocol.all_stages():
+        steps = booking.books.steps if booking.books is not None else ()
+        for previous, step in pairwise(steps):
+            if step.stage.name == stage.id and step.lead is not None:
+                return previous.stage.name, step.lead
+    return None
+
+
+def _lead_related(action_id: str, lead: Lead) -> Json:
+    """A chain step's default lead, the standard way: it starts `min` to `max` after the
+    previous step's start."""
+    return {"actionId": action_id, "relationship": "after-start",
+            "offsetRange": {"low": duration(lead.min), "high": duration(lead.max)}}
 
 
 def _related(action_id: str, relationship: str, offset: Duration | None) -> Json:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
+from itertools import pairwise
 from typing import Any
 
 from orchestration.chains import PRIORITIES, SERVICE_SYSTEM, ChainStep, Lead, LeadRule
@@ -153,10 +154,11 @@ def _role(element: dict[str, Any]) -> str | None:
     return None
 
 
-_RELATIONSHIPS = ("after-end", "after", "before-start", "before")
-"""The relatedAction relationships the engine runs: "starts after X ends" and "ends
-before X starts". Others (concurrent-with-start, after-start…) are refused rather than
-silently ignored."""
+_RELATIONSHIPS = ("after-end", "after", "before-start", "before", "after-start")
+"""The relatedAction relationships the engine reads: "starts after X ends" and "ends
+before X starts", which sequence stages, and "starts after X starts" (with an
+offsetRange), which is only a booked chain's lead time (see _leads) and holds nothing
+back. Others (concurrent-with-start…) are refused rather than silently ignored."""
 
 
 def _links(action: dict[str, Any], relationships: tuple[str, ...]) -> tuple[Link, ...]:
@@ -173,6 +175,40 @@ def _links(action: dict[str, Any], relationships: tuple[str, ...]) -> tuple[Link
             links.append(Link(related["actionId"],
                               duration(offset, where) if offset else timedelta(0)))
     return tuple(links)
+
+
+def _leads(action: dict[str, Any]) -> dict[str, Lead]:
+    """The action's relatedAction after-start, by the action each runs from: lead times
+    of a booked chain, which _with_leads gives to its steps."""
+    leads: dict[str, Lead] = {}
+    for related in action.get("relatedAction", []):
+        if related.get("relationship") != "after-start":
+            continue
+        other = related.get("actionId")
+        if not isinstance(other, str) or not other:
+            raise ProtocolFormError(f"action {action.get('id')}: a relatedAction after-start "
+                                    "needs an actionId")
+        where = f"action {action.get('id')} relatedAction {other}"
+        if other in leads:
+            raise ProtocolFormError(f"{where}: after-start is given twice")
+        leads[other] = _offset_range(related.get("offsetRange"), where)
+    return leads
+
+
+def _offset_range(value: Any, where: str) -> Lead:
+    """An after-start's offsetRange as a lead time: both ends, 0 <= low <= high. A lead
+    always has a longest wait: without one the chain search would have no bound."""
+    low, high = ((value.get(end) if isinstance(value, dict) else None)
+                 for end in ("low", "high"))
+    if not isinstance(low, dict) or not isinstance(high, dict):
+        raise ProtocolFormError(f"{where}: after-start needs an offsetRange with a low and a "
+                                "high duration")
+    shortest = duration(low, f"{where} offsetRange low")
+    longest = duration(high, f"{where} offsetRange high")
+    if shortest < timedelta(0) or longest < shortest:
+        raise ProtocolFormError(f"{where}: an offsetRange needs 0 <= low <= high (low "
+                                f"{shortest}, high {longest})")
+    return Lead(shortest, longest)
 
 
 def _condition(action: dict[str, Any]) -> str | None:
@@ -343,23 +379,20 @@ def _service(parts: list[dict[str, Any]], where: str) -> str:
 
 
 def _chain_step(extension: dict[str, Any], is_first: bool, where: str) -> ChainStep:
-    parts = _parts(extension, ("stage", "service", "lead-min", "lead-max", "where"), "step",
-                   where)
+    """A step without its default lead: that is a relatedAction on the step's own action,
+    read by _leads and given to the step by _with_leads."""
+    parts = _parts(extension, ("stage", "service", "where"), "step", where)
     urls = [p.get("url") for p in parts]
     stage = next((p.get("valueId") for p in parts if p.get("url") == "stage"), None)
     if urls.count("stage") != 1 or urls.count("service") != 1 or not isinstance(stage, str) \
             or not stage:
         raise ProtocolFormError(f"{where}: a step needs one stage (valueId) and one service")
     where = f"{where} step {stage}"
-    lead = _lead(parts, where)
     rules = tuple(_lead_rule(p, where) for p in parts if p.get("url") == "where")
     # Leads count from the previous step's start: the first step has nothing to count from.
-    if is_first and (lead is not None or rules):
+    if is_first and rules:
         raise ProtocolFormError(f"{where}: the first step of a chain has no lead (nor where)")
-    if not is_first and lead is None:
-        raise ProtocolFormError(f"{where}: every step after the first needs a lead-min and "
-                                "a lead-max")
-    return ChainStep(stage, _service(parts, where), lead, rules)
+    return ChainStep(stage, _service(parts, where), None, rules)
 
 
 def _books(action: dict[str, Any]) -> tuple[ChainStep, ...]:
@@ -389,7 +422,10 @@ def _kind(definition: str | None, kinds: dict[str, str]) -> str:
 
 
 def _stages(actions: list[dict[str, Any]], parent: str | None,
-            kinds: dict[str, str]) -> Iterator[Stage]:
+            kinds: dict[str, str]) -> Iterator[tuple[Stage, dict[str, Lead]]]:
+    """Each action's stage, with its lead times (see _leads): a chain step's lead lives on
+    the step's action, but the chain on the booking stage's, so they meet only once every
+    action is read."""
     for action in actions:
         stage_id = action.get("id")
         if not stage_id:
@@ -397,7 +433,7 @@ def _stages(actions: list[dict[str, Any]], parent: str | None,
         children = action.get("action", [])
         deadline = action.get("timingDuration")
         escalation = _extension(action, ESCALATION_ROLE)
-        yield Stage(
+        stage = Stage(
             id=stage_id, title=action.get("title") or stage_id,
             definition=action.get("definitionCanonical"),
             kind=_kind(action.get("definitionCanonical"), kinds), role=_role(action),
@@ -409,6 +445,7 @@ def _stages(actions: list[dict[str, Any]], parent: str | None,
             on_failure=_on_failure(action), parent=parent,
             children=tuple(child.get("id", "") for child in children),
             assigns=_assigns(action), handoffs=_handoffs(action), books=_books(action))
+        yield stage, _leads(action)
         yield from _stages(children, stage_id, kinds)
 
 
@@ -429,13 +466,16 @@ def from_plan_definition(plan: dict[str, Any],
         raise ProtocolFormError("a protocol is a PlanDefinition with a url")
     kinds = {a["url"]: a.get("kind", "Task") for a in activities if a.get("url")}
     stages: dict[str, Stage] = {}
-    for stage in _stages(plan.get("action", []), None, kinds):
+    leads: dict[str, dict[str, Lead]] = {}
+    for stage, stage_leads in _stages(plan.get("action", []), None, kinds):
         if stage.id in stages:
             raise ProtocolFormError(f"action id {stage.id} is used twice")
         stages[stage.id] = stage
+        leads[stage.id] = stage_leads
     _check_links(stages)
     _check_assigns(stages)
     _check_books(stages)
+    stages = _with_leads(stages, leads)
     escalation = _extension(plan, ESCALATION_ROLE)
     return Protocol(url=plan["url"], version=plan.get("version"),
                     title=plan.get("title") or plan["url"], stages=stages,
@@ -471,3 +511,39 @@ def _check_books(stages: dict[str, Stage]) -> None:
         if unknown:
             raise ProtocolFormError(f"action {stage.id}: books-chain books unknown action "
                                     f"{', '.join(unknown)}")
+
+
+def _with_leads(stages: dict[str, Stage], leads: dict[str, dict[str, Lead]]
+                ) -> dict[str, Stage]:
+    """The stages with the booking stage's chain steps given their leads: each step after
+    the first has one, on its action, from the previous step's action (a sibling). Any
+    other after-start is refused: the engine would silently not run it."""
+    booking = next((s for s in stages.values() if s.books), None)
+    steps = booking.books if booking is not None else ()
+    chained = {(step.stage, previous.stage) for previous, step in pairwise(steps)}
+    for stage_id, links in leads.items():
+        for other in links:
+            if (stage_id, other) not in chained:
+                raise ProtocolFormError(
+                    f"action {stage_id}: relatedAction {other} after-start is used only for "
+                    "the lead times of a booked chain (on a step's action, from the previous "
+                    "step's)")
+            if stages[other].parent != stages[stage_id].parent:
+                raise ProtocolFormError(f"action {stage_id}: related action {other} is not "
+                                        "one of its siblings")
+    if booking is None:
+        return stages
+    led = [steps[0], *(_step_with_lead(step, previous, leads, booking.id)
+                       for previous, step in pairwise(steps))]
+    return {**stages, booking.id: replace(booking, books=tuple(led))}
+
+
+def _step_with_lead(step: ChainStep, previous: ChainStep, leads: dict[str, dict[str, Lead]],
+         booking: str) -> ChainStep:
+    lead = leads[step.stage].get(previous.stage)
+    if lead is None:
+        raise ProtocolFormError(
+            f"action {booking} books-chain step {step.stage}: every step after the first "
+            f"needs a lead: a relatedAction after-start on action {step.stage}, from "
+            f"{previous.stage}, with an offsetRange")
+    return replace(step, lead=lead)

@@ -3,7 +3,8 @@ go, each mistake at its line, the FHIR form, and the chain steps the engine read
 
 from __future__ import annotations
 
-from datetime import timedelta
+import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,10 @@ from mappings import protocol_fhir, protocol_model
 from mappings.protocols import Problem, compile_protocol, validate_protocol
 from orchestration import chains
 from orchestration.chains import ChainStep, Lead, LeadRule
+from orchestration.effects import StartStage
+from orchestration.engine import decide
 from orchestration.protocol import Protocol, ProtocolFormError, from_plan_definition
+from orchestration.state import plan_state
 from tests.factories.protocols import DAYS, action, plan_definition
 
 SHIPPED = sorted((Path(__file__).parents[2] / "orchestration" / "protocols").glob("*.yaml"))
@@ -31,6 +35,8 @@ BOOK = "  - id: book\n    books:\n"
 FIRST = "      - step: a\n        service: apheresis\n"
 PRIORITY_LIST = "routine, urgent, asap, stat"
 LEAD_HELP = "a mapping of `min` and `max` durations, such as {min: 2d, max: 7d}"
+NOT_SIBLINGS = ("`step`: a chain step's lead runs from the previous step, which must be a "
+                "sibling stage (same parent)")
 
 
 def _days(low: float, high: float) -> Lead:
@@ -98,10 +104,13 @@ def test_a_protocol_without_books_has_no_booking_stage() -> None:
 
 GOOD: list[tuple[str, str, tuple[ChainStep, ...]]] = [
     ("one-step", BOOK + FIRST, (ChainStep("a", "apheresis"),)),
-    ("a-sub-stage", "  - id: d\n    steps:\n      - id: e\n"
+    ("sibling-sub-stages", "  - id: d\n    steps:\n      - id: e\n      - id: f\n"
      "  - id: book\n    books:\n      - step: e\n        service: infusion\n"
-     "      - step: d\n        service: follow-up\n        lead: {min: 0d, max: 0d}\n",
-     (ChainStep("e", "infusion"), ChainStep("d", "follow-up", _days(0, 0)))),
+     "      - step: f\n        service: follow-up\n        lead: {min: 0d, max: 0d}\n",
+     (ChainStep("e", "infusion"), ChainStep("f", "follow-up", _days(0, 0)))),
+    ("one-step-on-a-sub-stage", "  - id: d\n    steps:\n      - id: e\n"
+     "  - id: book\n    books:\n      - step: e\n        service: infusion\n",
+     (ChainStep("e", "infusion"),)),
     ("booked-on-a-sub-stage", "  - id: d\n    steps:\n      - id: book\n        books:\n"
      "          - step: a\n            service: apheresis\n",
      (ChainStep("a", "apheresis"),)),
@@ -126,34 +135,71 @@ def test_good_chains_compile_and_read_back(text: str, expected: tuple[ChainStep,
     assert booking.books == expected
 
 
+def _ucum(value: int, unit: str = "d") -> dict[str, Any]:
+    return {"value": value, "unit": unit, "system": UCUM, "code": unit}
+
+
 def test_the_fhir_form_of_books() -> None:
     compiled = compile_protocol(EXAMPLE)
-    slot = compiled.plan_definition["action"][3]
+    a, b, c, slot = compiled.plan_definition["action"]
 
-    def lead(low: int, high: int, unit: str = "d") -> list[dict[str, Any]]:
-        return [{"url": "lead-min", "valueDuration": {"value": low, "unit": "d",
-                                                      "system": UCUM, "code": "d"}},
-                {"url": "lead-max", "valueDuration": {"value": high, "unit": unit,
-                                                      "system": UCUM, "code": unit}}]
+    def lead(low: int, high: int) -> list[dict[str, Any]]:
+        return [{"url": "lead-min", "valueDuration": _ucum(low)},
+                {"url": "lead-max", "valueDuration": _ucum(high)}]
 
     def service(code: str) -> dict[str, Any]:
         return {"url": "service", "valueCoding": {"system": SERVICES, "code": code}}
 
+    # The overrides stay in the extension: FHIR has no standard place for them.
     assert slot["extension"] == [{"url": BOOKS, "extension": [
         {"url": "step", "extension": [{"url": "stage", "valueId": "a"}, service("apheresis")]},
         {"url": "step", "extension": [
-            {"url": "stage", "valueId": "b"}, service("manufacturing"), *lead(2, 7),
+            {"url": "stage", "valueId": "b"}, service("manufacturing"),
             {"url": "where", "extension": [{"url": "priority", "valueCode": "urgent"},
                                            *lead(1, 3)]}]},
         {"url": "step", "extension": [
-            {"url": "stage", "valueId": "c"}, service("infusion"), *lead(28, 6, "wk"),
+            {"url": "stage", "valueId": "c"}, service("infusion"),
             {"url": "where", "extension": [{"url": "country", "valueCode": "DE"},
                                            *lead(30, 45)]},
             {"url": "where", "extension": [
                 {"url": "site", "valueReference": {"reference": "Location/infusion-ward-b"}},
                 *lead(29, 42)]}]},
     ]}]
-    assert all("extension" not in a for a in compiled.activity_definitions)
+    # Each default lead is the step's own action's relatedAction, from the previous step.
+    assert a == {"id": "a", "title": "A", "definitionCanonical": f"{ATM}/ActivityDefinition/demo-a"}
+    assert b == {"id": "b", "title": "B", "relatedAction": [
+        {"actionId": "a", "relationship": "after-start",
+         "offsetRange": {"low": _ucum(2), "high": _ucum(7)}}],
+        "definitionCanonical": f"{ATM}/ActivityDefinition/demo-b"}
+    assert c == {"id": "c", "title": "C", "relatedAction": [
+        {"actionId": "b", "relationship": "after-start",
+         "offsetRange": {"low": _ucum(28), "high": _ucum(6, "wk")}}],
+        "definitionCanonical": f"{ATM}/ActivityDefinition/demo-c"}
+    assert "relatedAction" not in slot
+    assert all("extension" not in definition for definition in compiled.activity_definitions)
+
+
+def test_a_step_s_lead_follows_its_after_in_related_action() -> None:
+    compiled = compile_protocol(HEAD.replace("  - id: b\n", "  - id: b\n    after: [a]\n")
+                                + BOOK + FIRST + _second())
+    assert compiled.plan_definition["action"][1]["relatedAction"] == [
+        {"actionId": "a", "relationship": "after-end"},
+        {"actionId": "a", "relationship": "after-start",
+         "offsetRange": {"low": _ucum(2), "high": _ucum(7)}}]
+
+
+@pytest.mark.parametrize("after", ["", "    after: [a]\n"], ids=["unordered", "after-a"])
+def test_a_lead_is_no_sequencing_dependency(after: str) -> None:
+    """Stage b's lead from a's start is for booking; b still starts on its own `after`."""
+    protocol = _read_back(HEAD.replace("  - id: b\n", "  - id: b\n" + after)
+                          + BOOK + FIRST + _second())
+    assert [link.stage for link in protocol.stages["b"].after] == (["a"] if after else [])
+    assert protocol.stages["b"].ends_before == ()
+    careplan = {"resourceType": "CarePlan", "id": "cp", "status": "active", "intent": "plan",
+                "subject": {"reference": "Patient/p"}}
+    effects = decide(protocol, plan_state(careplan, []), datetime(2026, 3, 2, tzinfo=UTC))
+    started = {e.stage for e in effects if isinstance(e, StartStage)}
+    assert started == ({"a", "c", "book"} if after else {"a", "b", "c", "book"})
 
 
 def test_books_comes_after_the_other_extensions_of_a_stage() -> None:
@@ -310,6 +356,19 @@ PROBLEMS = [
      "        books:\n          - step: b\n            service: x\n",
      [(13, "`books`: stage 'book' already books a chain (line 7); only one stage may book "
            "one")]),
+    ("steps-not-siblings", "  - id: d\n    steps:\n      - id: e\n"
+     "  - id: book\n    books:\n      - step: e\n        service: infusion\n"
+     "      - step: d\n        service: follow-up\n        lead: {min: 0d, max: 0d}\n",
+     [(13, f"{NOT_SIBLINGS}; 'd' is not a sibling of 'e'")]),
+    ("a-later-step-not-a-sibling", BOOK + FIRST + _second() + "      - step: e\n"
+     "        service: infusion\n        lead: {min: 1d, max: 2d}\n"
+     "  - id: d\n    steps:\n      - id: e\n",
+     [(13, f"{NOT_SIBLINGS}; 'e' is not a sibling of 'b'")]),
+    ("sub-stages-of-different-parents", "  - id: d\n    steps:\n      - id: e\n"
+     "  - id: f\n    steps:\n      - id: g\n"
+     "  - id: book\n    books:\n      - step: e\n        service: x\n"
+     "      - step: g\n        service: y\n        lead: {min: 0d, max: 1d}\n",
+     [(16, f"{NOT_SIBLINGS}; 'g' is not a sibling of 'e'")]),
     ("every-mistake-in-one-step", BOOK + FIRST + "      - step: nowhere\n"
      "        service: Chair\n        lead: {min: 9d, max: 1d}\n"
      "        where:\n          - country: de\n            site: ward\n",
@@ -364,32 +423,74 @@ def _chain(*steps: dict[str, Any]) -> dict[str, Any]:
     return {"url": BOOKS, "extension": list(steps)}
 
 
+def _after_start(other: str, low: int, high: int) -> dict[str, Any]:
+    """A step's default lead: it starts `low` to `high` days after `other` starts."""
+    return {"actionId": other, "relationship": "after-start",
+            "offsetRange": {"low": _duration(low), "high": _duration(high)}}
+
+
 FIRST_STEP = _step("a")
-SECOND = ("b", *_lead(2, 7))
+SECOND_STEP = _step("b")
+CHAIN = _chain(FIRST_STEP, SECOND_STEP, _step("c"))
+LEADS = {"b": [_after_start("a", 2, 7)], "c": [_after_start("b", 28, 42)]}
 
 
-def _plan(*extensions: dict[str, Any], more: tuple[dict[str, Any], ...] = ()
-          ) -> dict[str, Any]:
-    """Actions a, b and c; a carries the extensions."""
-    return plan_definition({**action("a"), "extension": list(extensions)}, action("b"),
-                           action("c"), *more)
+def _plan(*extensions: dict[str, Any], related: dict[str, list[dict[str, Any]]] | None = None,
+          more: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+    """Actions a, b and c; a carries the extensions, `related` adds relatedActions by
+    action id."""
+    related = related or {}
+    actions = [{**action("a"), "extension": list(extensions)}, action("b"), action("c")]
+    return plan_definition(*({**a, "relatedAction": related[a["id"]]} if a["id"] in related
+                             else a for a in actions), *more)
 
 
 def test_a_hand_written_form_reads_back() -> None:
     protocol = from_plan_definition(_plan(_chain(
-        FIRST_STEP, _step(*SECOND, _where({"url": "priority", "valueCode": "stat"},
-                                          *_lead(0, 1))))))
+        FIRST_STEP, _step("b", _where({"url": "priority", "valueCode": "stat"},
+                                      *_lead(0, 1)))),
+        related={"b": [_after_start("a", 2, 7)]}))
     assert protocol.stages["a"].books == (
         ChainStep("a", "x"),
         ChainStep("b", "x", _days(2, 7), (LeadRule(_days(0, 1), priority="stat"),)))
     assert protocol.booking_stage() is protocol.stages["a"]
 
 
+def test_leads_are_no_sequencing_dependency_in_the_engine() -> None:
+    """after-start only gives the chain its leads: the stages it links stay unordered,
+    and one with its own `after` keeps exactly that."""
+    protocol = from_plan_definition(_plan(CHAIN, related={
+        "b": [_after_start("a", 2, 7)],
+        "c": [{"actionId": "a", "relationship": "after-end"}, _after_start("b", 28, 42)]}))
+    assert [step.lead for step in protocol.stages["a"].books] == [
+        None, _days(2, 7), _days(28, 42)]
+    assert protocol.stages["b"].after == ()
+    assert [link.stage for link in protocol.stages["c"].after] == ["a"]
+    assert all(stage.ends_before == () for stage in protocol.stages.values())
+
+
+def test_a_lead_between_sub_stages_reads_back() -> None:
+    inner = {**action("d"), "action": [action("e"), {
+        **action("f"), "relatedAction": [_after_start("e", 1, 2)]}]}
+    protocol = from_plan_definition(_plan(_chain(_step("e"), _step("f")), more=(inner,)))
+    assert protocol.stages["a"].books == (ChainStep("e", "x"), ChainStep("f", "x", _days(1, 2)))
+    assert protocol.stages["f"].after == ()
+
+
+def test_a_lead_from_a_stage_that_is_not_a_sibling_is_refused() -> None:
+    inner = {**action("d"), "action": [{**action("e"), "relatedAction": [
+        _after_start("b", 1, 2)]}]}
+    with pytest.raises(ProtocolFormError,
+                       match="action e: related action b is not one of its siblings"):
+        from_plan_definition(_plan(_chain(FIRST_STEP, _step("b"), _step("e")),
+                                   related={"b": [_after_start("a", 1, 2)]}, more=(inner,)))
+
+
 FORM_ERRORS = [
     ("twice", [_chain(FIRST_STEP), _chain(FIRST_STEP)],
      "action a: books-chain is given twice; one holds every step"),
     ("no-step", [_chain()], "action a: books-chain has 0 steps; it needs 1 to 10"),
-    ("eleven-steps", [_chain(FIRST_STEP, *(_step("b", *_lead(1, 1)) for _ in range(10)))],
+    ("eleven-steps", [_chain(FIRST_STEP, *(_step("b") for _ in range(10)))],
      "action a: books-chain has 11 steps; it needs 1 to 10"),
     ("unknown-chain-part", [_chain(FIRST_STEP, {"url": "priority", "valueCode": "stat"},
                                    {"url": "route", "valueString": "x"})],
@@ -397,7 +498,11 @@ FORM_ERRORS = [
      r"route\); supported: step"),
     ("unknown-step-part", [_chain(_step("a", {"url": "site", "valueString": "x"}))],
      r"action a books-chain: step has sub-extensions it does not support \(unknown: site\); "
-     "supported: stage, service, lead-min, lead-max, where"),
+     "supported: stage, service, where"),
+    # The default lead is the step's relatedAction, and nowhere else.
+    ("lead-in-the-step", [_chain(FIRST_STEP, _step("b", *_lead(2, 7)))],
+     r"action a books-chain: step has sub-extensions it does not support \(unknown: "
+     r"lead-max, lead-min\); supported: stage, service, where"),
     ("step-without-stage", [_chain({"url": "step", "extension": [_service()]})],
      r"action a books-chain: a step needs one stage \(valueId\) and one service"),
     ("step-stage-not-an-id", [_chain({"url": "step", "extension": [
@@ -420,59 +525,52 @@ FORM_ERRORS = [
     ("service-coding-as-text", [_chain({"url": "step", "extension": [
         {"url": "stage", "valueId": "a"}, {"url": "service", "valueCoding": "apheresis"}]})],
      "action a books-chain step a: service needs a valueCoding"),
-    ("lead-on-the-first-step", [_chain(_step("a", *_lead(1, 2)))],
-     r"action a books-chain step a: the first step of a chain has no lead \(nor where\)"),
     ("where-on-the-first-step", [_chain(_step("a", _where(
         {"url": "country", "valueCode": "DE"}, *_lead(1, 2))))],
      r"action a books-chain step a: the first step of a chain has no lead \(nor where\)"),
-    ("missing-lead", [_chain(FIRST_STEP, _step("b"))],
-     "action a books-chain step b: every step after the first needs a lead-min and a "
-     "lead-max"),
-    ("only-lead-min", [_chain(FIRST_STEP, _step("b", _lead(1, 2)[0]))],
-     "action a books-chain step b: a lead needs one lead-min and one lead-max"),
-    ("lead-twice", [_chain(FIRST_STEP, _step(*SECOND, *_lead(1, 2)))],
-     "action a books-chain step b: a lead needs one lead-min and one lead-max"),
-    ("lead-not-a-duration", [_chain(FIRST_STEP, _step(
-        "b", {"url": "lead-min", "valueString": "2d"}, _lead(1, 7)[1]))],
-     "action a books-chain step b: lead-min and lead-max need a valueDuration"),
-    ("lead-bad-unit", [_chain(FIRST_STEP, _step(
-        "b", {"url": "lead-min", "valueDuration": {"value": 1, "code": "mo"}},
-        _lead(1, 7)[1]))],
-     "action a books-chain step b lead-min: a duration needs a value and a unit"),
-    ("lead-min-after-max", [_chain(FIRST_STEP, _step("b", *_lead(7, 2)))],
-     "action a books-chain step b: a lead needs 0 <= lead-min <= lead-max"),
-    ("lead-negative", [_chain(FIRST_STEP, _step("b", *_lead(-1, 2)))],
-     "action a books-chain step b: a lead needs 0 <= lead-min <= lead-max"),
-    ("where-two-places", [_chain(FIRST_STEP, _step(*SECOND, _where(
+    ("missing-lead", [_chain(FIRST_STEP, SECOND_STEP)],
+     "action a books-chain step b: every step after the first needs a lead: a "
+     "relatedAction after-start on action b, from a, with an offsetRange"),
+    ("where-two-places", [_chain(FIRST_STEP, _step("b", _where(
         {"url": "country", "valueCode": "DE"}, {"url": "priority", "valueCode": "stat"},
         *_lead(1, 2))))],
      "action a books-chain step b: a where needs one country, site or priority, and a lead"),
-    ("where-no-place", [_chain(FIRST_STEP, _step(*SECOND, _where(*_lead(1, 2))))],
+    ("where-no-place", [_chain(FIRST_STEP, _step("b", _where(*_lead(1, 2))))],
      "action a books-chain step b: a where needs one country, site or priority, and a lead"),
-    ("where-no-lead", [_chain(FIRST_STEP, _step(*SECOND, _where(
+    ("where-no-lead", [_chain(FIRST_STEP, _step("b", _where(
         {"url": "country", "valueCode": "DE"})))],
      "action a books-chain step b: a where needs one country, site or priority, and a lead"),
-    ("where-half-a-lead", [_chain(FIRST_STEP, _step(*SECOND, _where(
+    ("where-half-a-lead", [_chain(FIRST_STEP, _step("b", _where(
         {"url": "country", "valueCode": "DE"}, _lead(1, 2)[1])))],
      "action a books-chain step b where: a lead needs one lead-min and one lead-max"),
-    ("where-unknown-part", [_chain(FIRST_STEP, _step(*SECOND, _where(
+    ("where-lead-twice", [_chain(FIRST_STEP, _step("b", _where(
+        {"url": "country", "valueCode": "DE"}, *_lead(1, 2), *_lead(1, 2))))],
+     "action a books-chain step b where: a lead needs one lead-min and one lead-max"),
+    ("where-lead-not-a-duration", [_chain(FIRST_STEP, _step("b", _where(
+        {"url": "country", "valueCode": "DE"}, {"url": "lead-min", "valueString": "2d"},
+        _lead(1, 7)[1])))],
+     "action a books-chain step b where: lead-min and lead-max need a valueDuration"),
+    ("where-lead-min-after-max", [_chain(FIRST_STEP, _step("b", _where(
+        {"url": "country", "valueCode": "DE"}, *_lead(7, 2))))],
+     "action a books-chain step b where: a lead needs 0 <= lead-min <= lead-max"),
+    ("where-unknown-part", [_chain(FIRST_STEP, _step("b", _where(
         {"url": "country", "valueCode": "DE"}, {"url": "signature", "valueCode": "released"},
         *_lead(1, 2))))],
      r"action a books-chain step b: where has sub-extensions it does not support \(unknown: "
      r"signature\); supported: country, site, priority, lead-min, lead-max"),
-    ("where-bad-country", [_chain(FIRST_STEP, _step(*SECOND, _where(
+    ("where-bad-country", [_chain(FIRST_STEP, _step("b", _where(
         {"url": "country", "valueCode": "de"}, *_lead(1, 2))))],
      "action a books-chain step b: where country 'de' is not an ISO 3166 alpha-2 code"),
-    ("where-bad-site", [_chain(FIRST_STEP, _step(*SECOND, _where(
+    ("where-bad-site", [_chain(FIRST_STEP, _step("b", _where(
         {"url": "site", "valueReference": {"reference": "Organization/x"}}, *_lead(1, 2))))],
      "action a books-chain step b: where site 'Organization/x' is not a Location reference"),
-    ("where-bad-priority", [_chain(FIRST_STEP, _step(*SECOND, _where(
+    ("where-bad-priority", [_chain(FIRST_STEP, _step("b", _where(
         {"url": "priority", "valueCode": "elective"}, *_lead(1, 2))))],
      "action a books-chain step b where: priority has valueCode 'elective'; supported: "
      f"{PRIORITY_LIST}"),
-    ("stage-twice", [_chain(FIRST_STEP, _step(*SECOND), _step("a", *_lead(1, 2)))],
+    ("stage-twice", [_chain(FIRST_STEP, SECOND_STEP, _step("a"))],
      "action a books-chain: stage a is booked twice"),
-    ("unknown-stage", [_chain(FIRST_STEP, _step("manufacturing", *_lead(1, 2)))],
+    ("unknown-stage", [_chain(FIRST_STEP, _step("manufacturing"))],
      "action a: books-chain books unknown action manufacturing"),
 ]
 
@@ -483,6 +581,66 @@ def test_a_malformed_books_chain_is_refused(extensions: list[dict[str, Any]], me
                                            ) -> None:
     with pytest.raises(ProtocolFormError, match=message):
         from_plan_definition(_plan(*extensions))
+
+
+NOT_A_LEAD = ("relatedAction {} after-start is used only for the lead times of a booked "
+              "chain")
+# (name, the books-chain extensions on action a, relatedActions by action, the error)
+LEAD_ERRORS: list[tuple[str, list[dict[str, Any]], dict[str, list[dict[str, Any]]], str]] = [
+    ("after-start-without-offset-range", [CHAIN],
+     {**LEADS, "b": [{"actionId": "a", "relationship": "after-start"}]},
+     "action b relatedAction a: after-start needs an offsetRange with a low and a high "
+     "duration"),
+    ("after-start-with-offset-duration", [CHAIN],
+     {**LEADS, "b": [{"actionId": "a", "relationship": "after-start",
+                      "offsetDuration": _duration(2)}]},
+     "action b relatedAction a: after-start needs an offsetRange with a low and a high "
+     "duration"),
+    ("offset-range-without-high", [CHAIN],
+     {**LEADS, "b": [{"actionId": "a", "relationship": "after-start",
+                      "offsetRange": {"low": _duration(2)}}]},
+     "action b relatedAction a: after-start needs an offsetRange with a low and a high "
+     "duration"),
+    ("offset-range-bad-unit", [CHAIN],
+     {**LEADS, "b": [{"actionId": "a", "relationship": "after-start", "offsetRange": {
+         "low": _duration(2), "high": {"value": 1, "code": "mo"}}}]},
+     "action b relatedAction a offsetRange high: a duration needs a value and a unit"),
+    ("offset-range-low-after-high", [CHAIN], {**LEADS, "b": [_after_start("a", 7, 2)]},
+     "action b relatedAction a: an offsetRange needs 0 <= low <= high"),
+    ("offset-range-negative", [CHAIN], {**LEADS, "b": [_after_start("a", -1, 2)]},
+     "action b relatedAction a: an offsetRange needs 0 <= low <= high"),
+    ("after-start-without-action-id", [CHAIN],
+     {**LEADS, "b": [{"relationship": "after-start",
+                      "offsetRange": {"low": _duration(1), "high": _duration(2)}}]},
+     "action b: a relatedAction after-start needs an actionId"),
+    ("after-start-twice", [CHAIN],
+     {**LEADS, "b": [_after_start("a", 2, 7), _after_start("a", 1, 2)]},
+     "action b relatedAction a: after-start is given twice"),
+    ("between-non-consecutive-steps", [CHAIN],
+     {**LEADS, "c": [_after_start("b", 28, 42), _after_start("a", 30, 49)]},
+     "action c: " + NOT_A_LEAD.format("a")),
+    ("instead-of-the-previous-step", [CHAIN], {**LEADS, "c": [_after_start("a", 30, 49)]},
+     "action c: " + NOT_A_LEAD.format("a")),
+    ("backwards", [CHAIN], {**LEADS, "a": [_after_start("b", 1, 2)]},
+     "action a: " + NOT_A_LEAD.format("b")),
+    ("on-a-stage-in-no-chain", [_chain(FIRST_STEP, SECOND_STEP)], LEADS,
+     "action c: " + NOT_A_LEAD.format("b")),
+    ("without-a-chain", [], {"b": [_after_start("a", 2, 7)]},
+     "action b: " + NOT_A_LEAD.format("a")),
+    ("missing-lead-of-a-later-step", [CHAIN], {"b": LEADS["b"]},
+     "action a books-chain step c: every step after the first needs a lead: a "
+     "relatedAction after-start on action c, from b, with an offsetRange"),
+]
+
+
+@pytest.mark.parametrize(("extensions", "related", "message"),
+                         [(e, r, m) for _, e, r, m in LEAD_ERRORS],
+                         ids=[name for name, _, _, _ in LEAD_ERRORS])
+def test_a_malformed_lead_is_refused(extensions: list[dict[str, Any]],
+                                     related: dict[str, list[dict[str, Any]]], message: str
+                                     ) -> None:
+    with pytest.raises(ProtocolFormError, match=re.escape(message)):
+        from_plan_definition(_plan(*extensions, related=related))
 
 
 def test_two_booking_stages_are_refused() -> None:
