@@ -26,6 +26,7 @@ from sqlalchemy.pool import QueuePool
 from starlette.concurrency import run_in_threadpool
 
 from gateway.settings import Settings
+from gateway.store.timeparse import now_micros
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -106,6 +107,30 @@ def safe_position(cursor: int, rows: list[Any], old_enough: int) -> int:
             break
         position = row.seq
     return position
+
+
+CLOCK_MARGIN_MICROS = 5_000_000  # this process's clock against the database server's
+_OLDEST_WRITER = text(
+    "SELECT (extract(epoch FROM min(xact_start)) * 1000000)::bigint FROM pg_stat_activity "
+    "WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()")
+
+
+def gap_cutoff(conn: Connection) -> int:
+    """How recent a change may be and still lie past a gap in the change log (µs).
+
+    On PostgreSQL a sequence number is drawn before its transaction commits, so a gap
+    is a transaction still open, or one rolled back. Only a transaction open now can
+    fill it, and such a transaction began before the change after the gap was written:
+    changes older than the oldest open writer (less a margin for clocks) lie past gaps
+    nobody will fill. Asked before the change log is read, in its own statement: a
+    writer that ends in between has its change in that read. Never by age alone (the
+    orchestrator's way): a transaction open for long would lose its events. SQLite
+    commits changes in their order, so no gap waits there."""
+    now = now_micros()
+    if conn.dialect.name != "postgresql":
+        return now
+    oldest = conn.execute(_OLDEST_WRITER).scalar()
+    return now if oldest is None else int(oldest) - CLOCK_MARGIN_MICROS
 
 
 class CommitSignal:

@@ -20,12 +20,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, text, update
+from sqlalchemy import Connection, insert, select, update
 
 from gateway.errors import FhirError
 from gateway.services.context import Context
 from gateway.settings import Settings
-from gateway.store.database import Database, safe_position
+from gateway.store.database import Database, gap_cutoff, safe_position
 from gateway.store.repository import Actor, Repository
 from gateway.store.schema import change_log, reactor_cursors, subscription_events, subscriptions
 from gateway.store.timeparse import now_micros
@@ -39,10 +39,6 @@ log = logging.getLogger("atm.subscriptions")
 CURSOR = "subscriptions"
 ACTOR = Actor(name="subscriptions")  # the server's own writes of Subscription statuses
 CURSOR_SAVE_SECONDS = 1.0
-CLOCK_MARGIN_MICROS = 5_000_000  # this process's clock against the database server's
-_OLDEST_WRITER = text(
-    "SELECT (extract(epoch FROM min(xact_start)) * 1000000)::bigint FROM pg_stat_activity "
-    "WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()")
 LIVE = ("requested", "active", "error")
 FOLLOWED = ("version", "topic", "channel", "status", "handshake", "failures", "next_attempt",
             "last_error")
@@ -81,7 +77,7 @@ class Matcher:
             self._position = self._stored = self._cursor()
         cursor = self._position
         with self.db.read() as conn:
-            cutoff = _gap_cutoff(conn)  # before the read: see _gap_cutoff
+            cutoff = gap_cutoff(conn)  # before the read: see gap_cutoff
             rows = list(conn.execute(
                 select(change_log).where(change_log.c.seq > cursor)
                 .order_by(change_log.c.seq).limit(self.batch)).all())
@@ -323,24 +319,6 @@ class Matcher:
         conn.execute(update(subscriptions).where(subscriptions.c.id == subscription_id)
                      .values(events=last + len(events)))
         return len(events)
-
-
-def _gap_cutoff(conn: Connection) -> int:
-    """How recent a change may be and still lie past a gap in the change log (µs).
-
-    On PostgreSQL a sequence number is drawn before its transaction commits, so a gap
-    is a transaction still open, or one rolled back. Only a transaction open now can
-    fill it, and such a transaction began before the change after the gap was written:
-    changes older than the oldest open writer (less a margin for clocks) lie past gaps
-    nobody will fill. Asked before the change log is read, in its own statement: a
-    writer that ends in between has its change in that read. Never by age alone (the
-    orchestrator's way): a transaction open for long would lose its events. SQLite
-    commits changes in their order, so no gap waits there."""
-    now = now_micros()
-    if conn.dialect.name != "postgresql":
-        return now
-    oldest = conn.execute(_OLDEST_WRITER).scalar()
-    return now if oldest is None else int(oldest) - CLOCK_MARGIN_MICROS
 
 
 @dataclass(frozen=True)
