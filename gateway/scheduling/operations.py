@@ -54,7 +54,7 @@ from gateway.scheduling.slots import (
 )
 from gateway.services import access, visibility
 from gateway.services.context import Context, FhirRequest, FhirResponse
-from gateway.services.resources import body_json
+from gateway.services.parameters import arguments, instant, named, number, text
 from gateway.services.search import match_ids
 from gateway.store.repository import Repository, Version, new_id
 from gateway.store.schema import schedule_claims, schedule_slots
@@ -79,68 +79,6 @@ MAX_HORIZON = timedelta(days=366)
 DEFAULT_COUNT, MAX_COUNT = 5, 50
 DEFAULT_HOLD, MAX_HOLD = 15, 60  # minutes
 FAR = datetime(9999, 1, 1, tzinfo=UTC)
-
-
-# -- reading the parameters --------------------------------------------------------------
-def arguments(request: FhirRequest) -> list[dict[str, Any]]:
-    """The operation's parameters: a GET's query as strings, or a POST's Parameters."""
-    if request.method == "GET":
-        return [{"name": k, "valueString": v} for k, v in request.query
-                if not k.startswith("_")]
-    if request.method != "POST":
-        raise MethodNotAllowedError("Invoke this operation with GET or POST",
-                                    headers={"Allow": "GET, POST"})
-    if not request.body and request.resource is None:
-        return [{"name": k, "valueString": v} for k, v in request.query]
-    data = body_json(request)
-    if not isinstance(data, dict) or data.get("resourceType") != "Parameters":
-        raise InvalidError("The body of this operation is a Parameters resource")
-    parameters = data.get("parameter", [])
-    if not isinstance(parameters, list) or not all(isinstance(p, dict) for p in parameters):
-        raise InvalidError("Parameters.parameter must be a list of parameters")
-    return parameters
-
-
-def _value(part: dict[str, Any] | None) -> Any:
-    if part is None:
-        return None
-    return next((v for k, v in part.items() if k.startswith("value")), None)
-
-
-def _named(parts: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    return [p for p in parts if p.get("name") == name]
-
-
-def text(parts: list[dict[str, Any]], name: str) -> str | None:
-    found = _named(parts, name)
-    if len(found) > 1:
-        raise InvalidError(f"Parameter {name} is given more than once")
-    value = _value(found[0]) if found else None
-    if isinstance(value, dict):  # a Reference
-        value = value.get("reference")
-    if value is not None and not isinstance(value, str | int | bool):
-        raise InvalidError(f"Parameter {name} has a value of the wrong type")
-    return None if value is None else str(value)
-
-
-def _instant(parts: list[dict[str, Any]], name: str) -> datetime | None:
-    given = text(parts, name)
-    if given is None:
-        return None
-    try:
-        found = datetime.fromisoformat(given.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise InvalidError(f"Parameter {name} must be a date or dateTime, not {given!r}") from exc
-    return found if found.tzinfo else found.replace(tzinfo=UTC)
-
-
-def _number(parts: list[dict[str, Any]], name: str, default: int, high: int) -> int:
-    given = text(parts, name)
-    if given is None:
-        return default
-    if not given.isdigit() or not 1 <= int(given) <= high:
-        raise InvalidError(f"Parameter {name} must be a whole number from 1 to {high}")
-    return int(given)
 
 
 # -- the enrolment and its chain ---------------------------------------------------------
@@ -203,15 +141,15 @@ def _typeenrolment_of(ctx: Context, repo: Repository,
 
 def _query(repo: Repository, enrolment: Enrolment, args: list[dict[str, Any]],
            ignore: tuple[str, ...] = ()) -> Query:
-    earliest = _instant(args, "start") or moment(now_micros())
-    latest = _instant(args, "end") or earliest + DEFAULT_HORIZON
+    earliest = instant(args, "start") or moment(now_micros())
+    latest = instant(args, "end") or earliest + DEFAULT_HORIZON
     if latest < earliest or latest - earliest > MAX_HORIZON:
         raise InvalidError(f"end must follow start by at most {MAX_HORIZON.days} days")
     priority = text(args, "priority")
     if priority is not None and priority not in PRIORITIES:
         raise InvalidError(f"priority is one of {', '.join(PRIORITIES)}")
     return Query(enrolment.steps, earliest, latest, priority,
-                 _number(args, "count", DEFAULT_COUNT, MAX_COUNT),
+                 number(args, "count", DEFAULT_COUNT, MAX_COUNT),
                  patient_busy(repo, enrolment.patient, enrolment.careplan_id,
                               (earliest, FAR), ignore))
 
@@ -325,15 +263,15 @@ class Choice:
 def _steps_given(args: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Each chosen step's parts: from a `chain` (as $find-chain returns it), from `step`
     parameters, or from plain `slot` references in step order."""
-    chains = _named(args, "chain")
+    chains = named(args, "chain")
     if len(chains) > 1:
         raise InvalidError("Give one chain")
     source = chains[0].get("part", []) if chains else args
-    steps = [p.get("part", []) for p in _named(source, "step")]
+    steps = [p.get("part", []) for p in named(source, "step")]
     if steps:
         return steps
     return [[{"name": "slot", **{k: v for k, v in p.items() if k != "name"}}]
-            for p in _named(args, "slot")]
+            for p in named(args, "slot")]
 
 
 def choices(repo: Repository, args: list[dict[str, Any]],
@@ -355,7 +293,7 @@ def choice(repo: Repository, step: ChainStep, parts: list[dict[str, Any]]) -> Ch
     if slot is not None:
         return Choice(_published(repo, slot))
     reason, service = text(parts, "reason"), text(parts, "service")
-    start, end = _instant(parts, "start"), _instant(parts, "end")
+    start, end = instant(parts, "start"), instant(parts, "end")
     if not (reason and service and start and end and start < end):
         raise InvalidError(f"Step {step.stage} needs a slot, or (to book without a "
                            "published slot) a service, a start before its end, and a "
@@ -387,7 +325,7 @@ def op_hold_chain(ctx: Context, request: FhirRequest, careplan_id: str) -> FhirR
         raise MethodNotAllowedError("$hold-chain is invoked with POST", headers={"Allow": "POST"})
     access.check_may_create(ctx.grant, "Appointment")
     args = arguments(request)
-    minutes = _number(args, "minutes", DEFAULT_HOLD, MAX_HOLD)
+    minutes = number(args, "minutes", DEFAULT_HOLD, MAX_HOLD)
     hold_id = new_id()
     expires = now_micros() + minutes * 60_000_000
     with _offering_alternatives(ctx, careplan_id, args), ctx.writing() as repo:

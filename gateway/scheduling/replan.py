@@ -42,6 +42,7 @@ from gateway.scheduling.directory import SlotLoader, directory, internal, patien
 from gateway.scheduling.slots import ATM, moment, to_micros
 from gateway.services import access, visibility
 from gateway.services.context import Context, FhirRequest, FhirResponse
+from gateway.services.parameters import arguments, text
 from gateway.store.repository import Repository, Version
 from gateway.store.timeparse import format_instant, now_micros
 from orchestration.chains import ChainStep
@@ -126,8 +127,8 @@ def op_reschedule(ctx: Context, request: FhirRequest, appointment_id: str) -> Fh
     if request.method != "POST":
         raise MethodNotAllowedError("$reschedule is invoked with POST",
                                         headers={"Allow": "POST"})
-    args = ops.arguments(request)
-    apply = (ops.text(args, "apply") or "false").lower() == "true"
+    args = arguments(request)
+    apply = (text(args, "apply") or "false").lower() == "true"
     if apply:
         access.check_may_create(ctx.grant, "Appointment")
     opened = ctx.writing() if apply else ctx.reading()
@@ -293,7 +294,7 @@ def op_cancel_chain(ctx: Context, request: FhirRequest, careplan_id: str) -> Fhi
         raise MethodNotAllowedError("$cancel-chain is invoked with POST",
                                     headers={"Allow": "POST"})
     access.check_may_create(ctx.grant, "Appointment")
-    reason = ops.text(ops.arguments(request), "reason")
+    reason = text(arguments(request), "reason")
     if not reason:
         raise InvalidError("$cancel-chain needs a reason")
     with ctx.writing() as repo:
