@@ -97,6 +97,11 @@ class SignatureRule:
     country: str | None = None
     site: str | None = None  # "Location/<id>"
 
+    @property
+    def place(self) -> tuple[str, str]:
+        """What the override names: ("country", "DE") or ("site", "Location/x")."""
+        return ("country", self.country) if self.country else ("site", self.site or "")
+
 
 @dataclass(frozen=True)
 class Handoff:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -43,6 +45,8 @@ from mappings.protocol_model import (
     SignatureRule,
     Stage,
 )
+
+Rule = TypeVar("Rule", SignatureRule, LeadRule)  # a `where` override, naming its place
 
 PROTOCOL_KEYS = ("protocol", "version", "title", "description", "roles", "escalation",
                  "stages")
@@ -412,19 +416,25 @@ class _Reader:
         return tuple(meanings) if readable else None
 
     def where(self, node: Node | None) -> tuple[SignatureRule, ...]:
+        return self.overrides(node, self.signature_rule, "a `country` or a `site` and its "
+                              "`signatures`")
+
+    def overrides(self, node: Node | None, read: Callable[[Node], Rule | None],
+                  each: str) -> tuple[Rule, ...]:
+        """A `where` list, read entry by entry; a place named twice is reported (only the
+        first match would ever apply)."""
         if node is None or _is_null(node):
             return ()
         if not isinstance(node, SequenceNode):
-            self.report(node, "`where` must be a list of overrides, each with a `country` or "
-                        "a `site` and its `signatures`")
+            self.report(node, f"`where` must be a list of overrides, each with {each}")
             return ()
         first: dict[tuple[str, str], int] = {}
         rules = []
         for item in node.value:
-            rule = self.signature_rule(item)
+            rule = read(item)
             if rule is None:
                 continue
-            key = ("country", rule.country) if rule.country else ("site", rule.site or "")
+            key = rule.place
             if key in first:
                 self.report(rule.line, f"`where`: {key[0]} '{key[1]}' is given twice (first "
                             f"at line {first[key]}; only the first match applies)")
@@ -570,26 +580,8 @@ class _Reader:
         return Lead(low, high, _line(node))
 
     def lead_rules(self, node: Node | None) -> tuple[LeadRule, ...]:
-        if node is None or _is_null(node):
-            return ()
-        if not isinstance(node, SequenceNode):
-            self.report(node, "`where` must be a list of overrides, each with a `country`, a "
-                        "`site` or a `priority` and its `lead`")
-            return ()
-        first: dict[tuple[str, str], int] = {}
-        rules = []
-        for item in node.value:
-            rule = self.lead_rule(item)
-            if rule is None:
-                continue
-            key = rule.place
-            if key in first:
-                self.report(rule.line, f"`where`: {key[0]} '{key[1]}' is given twice (first "
-                            f"at line {first[key]}; only the first match applies)")
-                continue
-            first[key] = rule.line
-            rules.append(rule)
-        return tuple(rules)
+        return self.overrides(node, self.lead_rule, "a `country`, a `site` or a `priority` "
+                              "and its `lead`")
 
     def lead_rule(self, node: Node) -> LeadRule | None:
         fields = self.fields(node, LEAD_WHERE_KEYS, "a `where` entry")
