@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -26,7 +27,7 @@ Builder = Callable[[int, int, random.Random], Request]
 EXPECTED_STATUS = {"asgi-get": 200, "asgi-post": 201, "fastapi-get": 200, "fastapi-post": 201,
                    "load": 200, "create": 201,
                    "read": 200, "update": 200, "search": 200, "search-1": 200,
-                   "transaction": 200}
+                   "transaction": 200, "find-chain": 200}
 
 
 def task_id(n: int) -> str:
@@ -88,6 +89,8 @@ def builder(scenario: str, params: dict[str, Any]) -> Builder:
     if scenario == "transaction":
         bundle = create_bundle(BUNDLE_SIZE)
         return lambda c, i, rng: ("POST", "/fhir", bundle)
+    if scenario == "find-chain":
+        return _find_chain(params)
     raise ValueError(f"unknown scenario {scenario}")
 
 
@@ -99,5 +102,22 @@ def _update(tasks: int, connections: int) -> Builder:
         n = (c + i * connections) % tasks
         body = orjson.dumps(loaded_task(n, description=f"updated {i}"))
         return "PUT", f"/fhir/Task/{task_id(n)}", body
+
+    return make
+
+
+def _find_chain(params: dict[str, Any]) -> Builder:
+    """$find-chain for one of the enrolled patients (bench.findchain), the first step from
+    a random half hour of the loaded days (the search window is the server's default, 90
+    days from there); one request in four is urgent (manufacturing's lead is shorter)."""
+    careplans: list[str] = params["careplans"]
+    first = datetime.fromisoformat(params["first_day"].replace("Z", "+00:00"))
+    half_hours = int(params["days"]) * 48
+
+    def make(c: int, i: int, rng: random.Random) -> Request:
+        start = first + timedelta(minutes=30 * rng.randrange(half_hours))
+        urgent = "&priority=urgent" if i % 4 == 3 else ""
+        return ("GET", f"/fhir/CarePlan/{rng.choice(careplans)}/$find-chain?start="
+                       f"{start:%Y-%m-%dT%H:%M:%SZ}{urgent}", None)
 
     return make

@@ -21,19 +21,27 @@ search that goes through later steps' slots in time order and prunes any branch 
 cannot beat the best chain found so far; chains are distinct by the first step's day and
 the sites used, so that five options are five real choices, not five half-hours of one
 morning. The search stops as soon as no later first step could enter the ranking.
+
+Slots are read as the search reaches them, per step a day, then 2, 4… days at a time: the
+first step's in time order, each later step's as far as a scan needs, and no further than
+the first steps being tried (a week of them, then 2, 4… weeks) can reach. A scan usually
+stops at the first slot that can end a chain, hours into a lead window weeks wide: most of
+that window is never read.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
 from orchestration.chains import ChainStep, Lead
 
 NO_LEAD = Lead(timedelta(0), timedelta(0))
-FIRST_CHUNK = timedelta(days=7)  # the first-step window is read a week, then 2, 4… at a time
+FIRST_CHUNK = timedelta(days=7)  # first steps are tried a week, then 2, 4… weeks at a time
+FIRST_PAGE = timedelta(days=1)  # a step's slots are read a day, then 2, 4… days at a time
+QUOTA = "quota"  # why a slot is refused: its service's quota is used up that day
 
 
 @dataclass(frozen=True)
@@ -209,42 +217,91 @@ class _Search:
                            for i in range(len(steps))]
         self.slots: list[dict[str, list[OpenSlot]]] = [{} for _ in steps]
         self.starts: list[dict[str, list[datetime]]] = [{} for _ in steps]
-        self.read_until: list[datetime | None] = [None] * len(steps)
         # How far after the first step each step can start, over every candidate site.
         self.reach: list[tuple[timedelta, timedelta]] = [(timedelta(0), timedelta(0))]
         for index in range(1, len(steps)):
             leads = [self.lead(index, x) for x in self.candidates[index]]
             low, high = self.reach[-1]
             self.reach.append((low + min(x.min for x in leads), high + max(x.max for x in leads)))
+        # Per step: every slot starting before `read_until` has been read; the next page.
+        self.read_until = [query.earliest + low for low, _ in self.reach]
+        self.page = [FIRST_PAGE] * len(steps)
+        self.until = query.earliest  # the first steps being tried start before this
+        for index, step in enumerate(steps):
+            pinned = query.pinned.get(step.stage)
+            if pinned is not None:
+                self.slots[index] = {pinned.service: [pinned]}
+                self.starts[index] = {pinned.service: [pinned.start]}
         # What stopped chains, per step: no slot in reach, a quota, the patient's calendar.
         self.seen = [0] * len(steps)
         self.blocked_by_quota = [0] * len(steps)
         self.blocked_by_patient = [0] * len(steps)
+        # Whether the quotas allow a booking at a service on a day, as found so far.
+        self.allowed: dict[tuple[str, date], bool] = {}
 
     def lead(self, index: int, service: str) -> Lead:
         return lead_at(self.query, self.services, index, service)
 
-    # -- reading slots a window at a time --------------------------------------------
-    def read(self, until: datetime) -> None:
-        """Read every step's slots that a first step starting before `until` can use."""
-        query = self.query
-        for index, step in enumerate(query.steps):
-            if step.stage in query.pinned:
-                pinned = query.pinned[step.stage]
-                self.slots[index] = {pinned.service: [pinned]}
-                self.starts[index] = {pinned.service: [pinned.start]}
+    # -- reading slots as the search reaches them -------------------------------------
+    def read(self, index: int, until: datetime) -> None:
+        """Read step `index`'s slots from where its reading stopped to `until` (those of
+        its window: no other can be booked)."""
+        start, end = self.read_until[index], until
+        window = self.query.windows.get(self.query.steps[index].stage)
+        if window is not None:
+            start, end = max(start, window[0]), min(end, window[1])
+        if end > start:
+            for slot in self.load(self.candidates[index], start, end):
+                self.slots[index].setdefault(slot.service, []).append(slot)
+                self.starts[index].setdefault(slot.service, []).append(slot.start)
+        self.read_until[index] = max(self.read_until[index], until)
+
+    def limit(self, index: int) -> datetime:
+        """The end of step `index`'s reach: from the first steps being tried, or from an
+        earlier pinned step, which a delay may have pushed beyond its own lead. No slot
+        from there on is offered."""
+        limit = self.until + self.reach[index][1]
+        for earlier, step in enumerate(self.query.steps[:index]):
+            pinned = self.query.pinned.get(step.stage)
+            if pinned is not None:
+                reach = self.reach[index][1] - self.reach[earlier][1]
+                limit = max(limit, pinned.start + reach + timedelta(microseconds=1))
+        return limit
+
+    def read_page(self, index: int) -> None:
+        self.read(index, min(self.read_until[index] + self.page[index], self.limit(index)))
+        self.page[index] *= 2
+
+    def slots_in(self, index: int, service: str, low: datetime, high: datetime,
+                 found: list[tuple[OpenSlot, ...]]) -> Iterator[OpenSlot]:
+        """Step `index`'s slots at `service` starting from `low` to `high` (and before its
+        limit), in time order, as long as they could still beat the best chain found so
+        far: read page by page as the caller goes on, and none once none could."""
+        remaining = self.reach[-1][0] - self.reach[index][0]
+
+        def beaten(start: datetime) -> bool:
+            return bool(found) and start + remaining >= found[0][-1].start
+
+        limit = self.limit(index)
+        if low >= limit or beaten(low):
+            return
+        starts = self.starts[index].setdefault(service, [])
+        slots = self.slots[index].setdefault(service, [])
+        # Read past `low` first: whatever is read later starts after it.
+        while self.read_until[index] <= low:
+            self.read_page(index)
+        position = bisect_left(starts, low)
+        while True:
+            if position == len(slots):
+                end = self.read_until[index]  # every slot before it has been read
+                if end > high or end >= limit or beaten(end):
+                    return
+                self.read_page(index)
                 continue
-            low, high = self.reach[index]
-            start = self.read_until[index] or query.earliest + low
-            end = until + high  # a first step starts before `until`
-            window = query.windows.get(query.steps[index].stage)
-            if window is not None:
-                start, end = max(start, window[0]), min(end, window[1])
-            if end > start:
-                for slot in self.load(self.candidates[index], start, end):
-                    self.slots[index].setdefault(slot.service, []).append(slot)
-                    self.starts[index].setdefault(slot.service, []).append(slot.start)
-            self.read_until[index] = max(end, start)
+            if starts[position] > high or starts[position] >= limit or beaten(starts[position]):
+                return
+            position += 1
+            yield slots[position - 1]
 
     def run(self) -> list[Chain]:
         query = self.query
@@ -253,10 +310,8 @@ class _Search:
         done: set[str] = set()
         while start <= query.latest:
             until = min(start + chunk, query.latest + timedelta(microseconds=1))
-            self.read(until)
-            firsts = sorted((s for slots in self.slots[0].values() for s in slots
-                             if s.id not in done and s.start < until), key=lambda s: s.start)
-            for first in firsts:
+            self.until = until
+            for first in self.firsts(until, done):
                 done.add(first.id)
                 ranked = sorted(best.values(), key=lambda c: c.key)
                 if (len(ranked) >= query.count
@@ -271,6 +326,19 @@ class _Search:
                         best[key] = chain
             start, chunk = until, chunk * 2
         return sorted(best.values(), key=lambda c: c.key)[:query.count]
+
+    def firsts(self, until: datetime, done: set[str]) -> Iterator[OpenSlot]:
+        """The first-step slots starting before `until` and not tried yet, in time order,
+        read page by page as the caller goes on."""
+        pinned = self.query.steps[0].stage in self.query.pinned
+        while True:
+            if not pinned:
+                self.read(0, min(self.read_until[0] + self.page[0], until))
+                self.page[0] *= 2
+            yield from sorted((s for slots in self.slots[0].values() for s in slots
+                               if s.id not in done and s.start < until), key=lambda s: s.start)
+            if pinned or self.read_until[0] >= until:
+                return
 
     # -- the depth-first search from one first-step slot ------------------------------
     def sites(self, index: int, route: Route) -> tuple[str, ...]:
@@ -303,36 +371,49 @@ class _Search:
             return
         for service in self.sites(index, route):
             lead = self.lead(index, service)
-            starts = self.starts[index].get(service, [])
-            slots = self.slots[index].get(service, [])
-            position = bisect_left(starts, previous.start + lead.min)
-            while position < len(slots) and starts[position] <= previous.start + lead.max:
-                slot = slots[position]
-                position += 1
-                # Nothing later at this site can beat the best chain found so far.
-                remaining = self.reach[-1][0] - self.reach[index][0]
-                if found and slot.start + remaining >= found[0][-1].start:
-                    break
+            used_up: date | None = None  # a day this site's quota is used up
+            for slot in self.slots_in(index, service, previous.start + lead.min,
+                                      previous.start + lead.max, found):
+                if slot.start.date() == used_up:
+                    continue  # nor can any other slot of that day be booked
                 self.seen[index] += 1
-                if self.bookable(index, slot, chain):
+                refusal = self.refusal(index, slot, chain)
+                if refusal is None:
                     self.extend((*chain, slot), route, found)
+                elif refusal == QUOTA:
+                    used_up = slot.start.date()
 
     def bookable(self, index: int, slot: OpenSlot, chain: tuple[OpenSlot, ...]) -> bool:
+        return self.refusal(index, slot, chain) is None
+
+    def refusal(self, index: int, slot: OpenSlot, chain: tuple[OpenSlot, ...]) -> str | None:
+        """Why the slot cannot be step `index` of this chain, or None when it can."""
         if self.query.steps[index].stage in self.query.pinned:
-            return True  # booked already: its room and quota are its own
+            return None  # booked already: its room and quota are its own
         window = self.query.windows.get(self.query.steps[index].stage)
         if window is not None and not window[0] <= slot.start < window[1]:
-            return False
+            return "window"
         if slot.free < 1:
-            return False
-        if not all(q.allows(slot.service, slot.start) for q in self.quotas):
+            return "full"
+        if not self.within_quotas(slot):
             self.blocked_by_quota[index] += 1
-            return False
+            return QUOTA
         taken = [*self.query.busy, *((s.start, s.end) for s in chain)]
         if any(slot.start < end and start < slot.end for start, end in taken):
             self.blocked_by_patient[index] += 1
-            return False
-        return True
+            return "patient"
+        return None
+
+    def within_quotas(self, slot: OpenSlot) -> bool:
+        """Every quota allows a booking at the slot's service on its day. Quotas count by
+        week or month, whole days: the answer holds for every slot of that day, and is
+        kept (a scan passes dozens of slots a day, each day for many first steps)."""
+        key = (slot.service, slot.start.date())
+        allowed = self.allowed.get(key)
+        if allowed is None:
+            allowed = self.allowed[key] = all(q.allows(slot.service, slot.start)
+                                              for q in self.quotas)
+        return allowed
 
     # -- why there are none -----------------------------------------------------------
     def reasons(self) -> list[str]:

@@ -169,6 +169,16 @@ def test_the_search_reads_only_the_weeks_it_needs() -> None:
     assert max(first_step_reads) <= T0 + 14 * DAY
 
 
+def test_later_steps_are_read_only_as_far_as_the_search_goes() -> None:
+    """The first chain ends with an infusion on day 30: of the infusion lead's weeks, only
+    the day the scan reached is read."""
+    store = network()
+    found = find_chains(query(count=1), [EVERY], SERVICES, store)
+    assert found.chains[0].slots[-1].start == T0 + 30 * DAY + 9 * timedelta(hours=1)
+    infusion_reads = [end for start, end in store.reads if start >= T0 + 28 * DAY]
+    assert infusion_reads and max(infusion_reads) <= T0 + 31 * DAY
+
+
 def test_check_chain_names_what_is_wrong() -> None:
     aph = daily("HealthcareService/aph-a", 0, 0)[0]
     mfg = daily("HealthcareService/mfg", 3, 3)[0]
@@ -191,3 +201,16 @@ def test_check_chain_names_what_is_wrong() -> None:
 def test_quota_periods() -> None:
     assert period_start("week", datetime(2027, 1, 10, tzinfo=UTC)).isoformat() == "2027-01-04"
     assert period_start("month", datetime(2027, 1, 10, tzinfo=UTC)).isoformat() == "2027-01-01"
+
+
+def test_a_step_pinned_beyond_its_lead_still_finds_the_steps_after_it() -> None:
+    """A manufacturing delay pins manufacturing 20 days later than its lead allows after
+    apheresis: infusion is still found, within its lead of the delayed manufacturing."""
+    apheresis = daily("HealthcareService/aph-a", 0, 0)[0]
+    delayed = daily("HealthcareService/mfg", 25, 25)[0]
+    found = find_chains(query(count=1, pinned={"apheresis": apheresis,
+                                               "manufacturing": delayed}),
+                        [EVERY], SERVICES, network())
+    assert found.chains, found.reasons
+    infusion = found.chains[0].slots[2]
+    assert 28 * DAY <= infusion.start - delayed.start <= 35 * DAY
