@@ -50,6 +50,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
         if settings.auth == "off":
             log.warning("%s Set ATM_AUTH=smart and register clients with `atm clients "
                         "add` before any real data goes in.", AUTH_OFF_WARNING)
+        from gateway.adapters.ehr import sync as ehr_sync
+        from gateway.adapters.hl7 import bridge as hl7_bridge
         from gateway.services.protocols import load_shipped
         from gateway.services.subscriptions import load_shipped_topics
         from gateway.subscriptions import worker  # they build on the services
@@ -60,7 +62,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
         if settings.load_protocols:
             _load_shipped(db, settings, "protocol PlanDefinition", load_shipped)
         with running_trail(db) as app.state.audit, running_beside(db, settings), \
-                worker.running_beside(db, settings):
+                worker.running_beside(db, settings), ehr_sync.running_beside(db, settings), \
+                hl7_bridge.running_beside(db, settings):
             yield
         observability.ACCESS_LOG.flush()
         db.dispose()

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from gateway.adapters.hl7 import cli as hl7_cli
+
 if TYPE_CHECKING:
     from mappings.protocols import CompiledProtocol
 
@@ -31,6 +33,7 @@ app.add_typer(protocols_app, name="protocols")
 audit_app = typer.Typer(help="The audit trail: one AuditEvent for every request, chained.",
                         no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+app.add_typer(hl7_cli.app, name="hl7")  # the HL7 v2 bridge: gateway/adapters/hl7/cli.py
 
 
 @app.command()
@@ -51,6 +54,10 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on"),
                + (", the orchestrator advancing enrolments" if settings.orchestrator else "")
                + (", the shipped protocols loaded" if settings.load_protocols else "")
                + (", subscription notifications delivered" if settings.subscriptions else "")
+               + (f", HL7 v2 results taken on {settings.hl7_listen_host}:"
+                  f"{settings.hl7_listen_port}" if settings.hl7_listen_port else "")
+               + (f", orders sent to the LIMS at {settings.hl7_lims_host}:"
+                  f"{settings.hl7_lims_port}" if settings.hl7_lims_port else "")
                + f".\nWatch whole therapy journeys: atm demo --server {base}"
                + ("\nWARNING: ATM_AUTH=off: no one is asked who they are; anyone can read "
                   "and change everything. For local exploration only."
@@ -475,6 +482,143 @@ def _store_bundles(bundles: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     except SQLAlchemyError as exc:
         _fail(f"cannot write to the database ({type(exc).__name__}); is its schema "
               "up to date (atm db upgrade)?")
+    finally:
+        db.dispose()
+
+
+# -- EHR endpoints (gateway/adapters/ehr) ---------------------------------------------------
+ehr_app = typer.Typer(help="EHR endpoints: SMART Backend Services clients of hospital EHRs, "
+                      "patient intake and status written back.", no_args_is_help=True)
+app.add_typer(ehr_app, name="ehr")
+
+
+@ehr_app.command("key")
+def ehr_key(out: Annotated[Path, typer.Option(
+        dir_okay=False, help="Where our new private key goes (readable by its owner only)")],
+            ) -> None:
+    """Make our key pair for an EHR: keep the private JWK in OUT, and print the public JWK
+    Set for the EHR's administrators to register us with."""
+    from gateway.auth import credentials
+
+    if out.exists():
+        _fail(f"{out} exists: keys are never overwritten")
+    key = credentials.new_key()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.touch(mode=0o600)
+    out.write_text(json.dumps(key.as_dict(private=True), indent=2) + "\n", encoding="utf-8")
+    typer.echo(json.dumps(credentials.public_jwks(key), indent=2))
+
+
+@ehr_app.command("add")
+def ehr_add(
+        name: Annotated[str, typer.Option(help="What we call this EHR (a-z, 0-9, -)")],
+        base_url: Annotated[str, typer.Option(help="The EHR's FHIR base URL")],
+        key: Annotated[Path, typer.Option(
+            exists=True, dir_okay=False, help="Our private key for it: a P-384 JWK, or the "
+            "credentials file `atm clients add --new-key` writes")],
+        organization: Annotated[str, typer.Option(
+            help="Organization/<id>: the treatment centre whose EHR it is")],
+        client_id: Annotated[str | None, typer.Option(
+            help="The client id the EHR registered us under (else the key file's)")] = None,
+        scope: Annotated[str | None, typer.Option(help="Scopes to ask the EHR for")] = None,
+) -> None:
+    """Register an EHR endpoint; print it as JSON."""
+    from gateway.adapters.ehr.endpoints import Endpoint, EndpointError, add_endpoint, read_key_file
+
+    try:
+        jwk, file_client = read_key_file(key.read_text(encoding="utf-8"))
+    except (EndpointError, UnicodeDecodeError) as exc:
+        _fail(f"{key}: {exc}")
+    if not (client_id or file_client):
+        _fail("--client-id is needed: the key file does not name one")
+    db = _database()
+    try:
+        endpoint = add_endpoint(db, Endpoint(name, base_url, client_id or str(file_client),
+                                             jwk, organization, scope))
+    except EndpointError as exc:
+        _fail(str(exc))
+    finally:
+        db.dispose()
+    typer.echo(json.dumps(endpoint.summary(), indent=2))
+
+
+@ehr_app.command("list")
+def ehr_list() -> None:
+    """Every EHR endpoint, as JSON lines, with its write-back position and refusals."""
+    from sqlalchemy import func, select
+
+    from gateway.adapters.ehr.endpoints import list_endpoints
+    from gateway.adapters.ehr.sync import read_cursor
+    from gateway.store.schema import ehr_rejections
+
+    db = _database()
+    try:
+        for endpoint in list_endpoints(db):
+            with db.read() as conn:
+                refused = conn.execute(select(func.count()).where(
+                    ehr_rejections.c.endpoint == endpoint.name)).scalar()
+                position = read_cursor(conn, f"ehr-writeback:{endpoint.name}"[:64])
+            typer.echo(json.dumps({**endpoint.summary(), "written_back_to_change": position,
+                                   "refused": refused}))
+    finally:
+        db.dispose()
+
+
+@ehr_app.command("enable")
+def ehr_enable(name: Annotated[str, typer.Argument(help="The endpoint's name")],
+               off: Annotated[bool, typer.Option("--off", help="Disable it instead")] = False,
+               ) -> None:
+    """Enable (or with --off, disable) an endpoint: a disabled one is left alone."""
+    from gateway.adapters.ehr.endpoints import set_enabled
+
+    db = _database()
+    try:
+        if not set_enabled(db, name, not off):
+            _fail(f"no EHR endpoint {name}")
+    finally:
+        db.dispose()
+
+
+@ehr_app.command("intake")
+def ehr_intake(
+        identifier: Annotated[str, typer.Option(help="The patient's identifier in the EHR, "
+                                                "system|value")],
+        ehr: Annotated[str | None, typer.Option(help="The endpoint (else the only one)")]
+        = None,
+) -> None:
+    """Import a patient and its eligibility data from the EHR; print what was imported."""
+    from gateway.adapters.ehr.intake import endpoint_named, intake
+    from gateway.errors import FhirError
+    from gateway.services.context import Context
+    from gateway.settings import get_settings
+    from gateway.store.repository import Actor
+
+    db = _database()
+    try:
+        settings = get_settings()
+        ctx = Context(db=db, settings=settings, base_url=settings.base_url or "",
+                      actor=Actor(name="atm ehr intake"))
+        imported = intake(ctx, endpoint_named(ctx, ehr), identifier)
+    except FhirError as exc:
+        _fail(f"intake failed ({exc.status}): {exc.diagnostics}")
+    finally:
+        db.dispose()
+    typer.echo(json.dumps({"patient": imported.patient, "imported": imported.counts}))
+
+
+@ehr_app.command("sync")
+def ehr_sync() -> None:
+    """Write back what each EHR has not been told yet, and import referred patients, once
+    (`atm serve` does it continuously)."""
+    from gateway.adapters.ehr.sync import EhrSync
+    from gateway.settings import get_settings
+
+    db = _database()
+    try:
+        for name, result in EhrSync(db, get_settings()).run_once().items():
+            typer.echo(json.dumps({"endpoint": name, "written": result.written,
+                                   "refused": result.rejected,
+                                   "waiting_seconds": round(result.waiting, 1)}))
     finally:
         db.dispose()
 

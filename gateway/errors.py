@@ -128,6 +128,18 @@ class TooCostlyError(FhirError):
     status, code = 400, "too-costly"
 
 
+class BadGatewayError(FhirError):
+    """A system the request depends on (an EHR) answered, and refused or failed."""
+
+    status, code = 502, "exception"
+
+
+class UnavailableError(FhirError):
+    """A system the request depends on (an EHR) cannot be reached now (with Retry-After)."""
+
+    status, code = 503, "transient"
+
+
 class UnexpectedError(FhirError):
     """An unknown failure: the client sees only a correlation id, never the cause."""
 
@@ -139,5 +151,5 @@ ALL_ERRORS: tuple[type[FhirError], ...] = (
     NotFoundError, MethodNotAllowedError, NotAcceptableError, ConflictError, GoneError,
     PreconditionFailedError, TooLargeError, UnsupportedMediaTypeError, BusinessRuleError,
     UnprocessableError, MultipleMatchesError, ThrottledError, TooCostlyError,
-    UnexpectedError,
+    BadGatewayError, UnavailableError, UnexpectedError,
 )

@@ -72,6 +72,56 @@ class Settings(BaseSettings):
     begin with: the one ICCBBA assigned to the facility that issues them."""
     load_protocols: bool = True
     """Load the shipped protocols (orchestration/protocols/*.yaml) at start-up."""
+    # -- EHR endpoints (gateway/adapters/ehr; registered with `atm ehr add`) ------------
+    ehr_sync: bool = True
+    """Import referred patients from their EHR and write status back, beside the API."""
+    ehr_timeout_seconds: float = 10.0
+    """How long one call to an EHR may take."""
+    ehr_attempts: int = 4
+    """Tries of a call that meets a network error, 429 or 5xx."""
+    ehr_backoff_seconds: float = 0.5
+    """The first retry waits up to this long, each next one up to twice as long."""
+    ehr_backoff_max_seconds: float = 30.0
+    """The longest wait between tries, Retry-After included."""
+    ehr_breaker_failures: int = 5
+    """Failed calls in a row after which an EHR is left alone for a while."""
+    ehr_breaker_seconds: float = 30.0
+    """How long an EHR is left alone before one call may try again."""
+    ehr_poll_seconds: float = 1.0
+    """How soon write-back sees a change made by another process."""
+    ehr_observation_days: int = 180
+    """How far back intake imports a patient's Observations."""
+
+    # -- HL7 v2 bridge to a LIMS (gateway/adapters/hl7; README "HL7 v2 bridge") ----------
+    hl7_listen_host: str = "127.0.0.1"
+    """Interface the MLLP listener binds (MLLP has no authentication: keep it internal)."""
+    hl7_listen_port: int | None = None
+    """Accept ORU^R01 results over MLLP on this port beside the API (unset: no listener)."""
+    hl7_lims_host: str | None = None
+    hl7_lims_port: int | None = None
+    """Where OML^O21 manufacturing orders are sent over MLLP (unset: none are)."""
+    hl7_application: str = "ATM-GATEWAY"
+    """MSH-3 of what the gateway sends and answers."""
+    hl7_facility: str = "ATM"
+    """MSH-4 of what the gateway sends and answers."""
+    hl7_lims_application: str = "LIMS"
+    hl7_lims_facility: str = ""
+    """MSH-5 and MSH-6 of the orders: the LIMS's application and facility."""
+    hl7_retry_seconds: float = 1.0
+    """The first retry's delay for an order not acknowledged; doubled per attempt (with
+    jitter) up to the maximum."""
+    hl7_retry_max_seconds: float = 300.0
+    hl7_error_attempts: int = 5
+    """AE answers (application error) after which an order is given up as rejected; an AR
+    is final at once; a LIMS that does not answer at all is retried without end."""
+    hl7_timeout_seconds: float = 10.0
+    """How long connecting, and then waiting for the ACK, may each take."""
+    hl7_poll_seconds: float = 0.5
+    """How soon orders made by another process are sent."""
+    hl7_max_message_bytes: int = 1_048_576
+    """Longest message the listener takes (a longer one is refused and the link closed)."""
+    # -- end of the HL7 v2 bridge ------------------------------------------------------
+
     log_level: str = "INFO"
     log_json: bool = True
 

@@ -242,6 +242,8 @@ class Orchestrator:
         """A referral ServiceRequest for a protocol we hold gets its CarePlan (once)."""
         if request.get("status") != "active" or not request.get("instantiatesCanonical"):
             return None
+        if not request.get("subject", {}).get("reference"):
+            return None  # named by identifier only: enrolled once EHR intake has imported it
         careplan_id = resource_id("CarePlan", request["id"], "enrolment", 1)
         with self.db.write() as conn:
             ctx, repo = self._context(conn), Repository(conn, ACTOR)

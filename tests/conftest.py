@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
+from sqlalchemy import Connection, create_engine, text
 
 from gateway.app import create_app
 from gateway.settings import Settings
@@ -27,12 +27,17 @@ from gateway.store.schema import metadata
 
 PG_URL = os.environ.get("ATM_TEST_POSTGRES_URL")
 BACKENDS = ["sqlite", "postgres"]
+SLOW_TESTS = os.environ.get("ATM_SLOW_TESTS") == "1"
+"""Soak and scale tests (marked slow) run at full size; otherwise at a bounded size that
+still proves the point, so that `make test` stays within 10 minutes on 2 cores."""
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    slow = ("slow tests: full size (ATM_SLOW_TESTS=1)" if SLOW_TESTS else
+            "slow tests: bounded (set ATM_SLOW_TESTS=1 for full size)")
     if PG_URL:
-        return f"PostgreSQL tests: on ({PG_URL})"
-    return "PostgreSQL tests: SKIPPED (set ATM_TEST_POSTGRES_URL to run them)"
+        return [f"PostgreSQL tests: on ({PG_URL})", slow]
+    return ["PostgreSQL tests: SKIPPED (set ATM_TEST_POSTGRES_URL to run them)", slow]
 
 
 @pytest.fixture(scope="session")
@@ -74,12 +79,46 @@ def pg_schema_url() -> Iterator[str]:
         yield url
 
 
-def _truncate(url: str) -> None:
-    engine = make_engine(Settings(database_url=url))
-    names = ", ".join(t.name for t in metadata.sorted_tables)
-    with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY"))
+@pytest.fixture(scope="session")
+def pg_reset(pg_schema_url: str) -> Iterator[Callable[[], None]]:
+    """Empties the session's schema as TRUNCATE ... RESTART IDENTITY of every table would,
+    truncating only the tables something was written to since: a test writes to a few of
+    them, and truncating all of them (each table's and index's files replaced) took ~0.1 s
+    per test, over 800 tests. A table whose file is still empty holds nothing and needs
+    nothing. DELETE would be faster still, but it leaves dead rows behind (autovacuum may
+    be off): PostgreSQL then plans on bloated tables, which a plan test caught."""
+    engine = make_engine(Settings(database_url=pg_schema_url))
+    ours = [table.name for table in metadata.sorted_tables]
+    # Written to: its file holds a row, a dead one or a rolled-back one, or a sequence of
+    # its has been drawn from (a failed insert may draw one and write nothing).
+    written = text("""
+        SELECT t.relname FROM pg_class t
+        WHERE t.relnamespace = current_schema()::regnamespace AND t.relkind = 'r'
+            AND t.relname = ANY(:ours)
+            AND (pg_relation_size(t.oid) > 0 OR EXISTS (
+                SELECT 1 FROM pg_depend d
+                JOIN pg_class s ON s.oid = d.objid
+                JOIN pg_sequences q ON q.schemaname = current_schema()
+                    AND q.sequencename = s.relname
+                WHERE d.refobjid = t.oid AND d.classid = 'pg_class'::regclass
+                    AND d.deptype IN ('a', 'i') AND q.last_value IS NOT NULL))""")
+
+    def reset() -> None:
+        with engine.begin() as conn:
+            names = ", ".join(f'"{name}"' for name in conn.execute(written, {"ours": ours})
+                              .scalars())
+            if names:
+                conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY"))
+
+    yield reset
     engine.dispose()
+
+
+def analyze_store(conn: Connection) -> None:
+    """PostgreSQL statistics of the store's tables, as autovacuum would keep them. Named
+    one by one: a bare ANALYZE takes every table of the database, other test sessions'
+    schemas included, and deadlocks with their resets (TRUNCATE)."""
+    conn.exec_driver_sql("ANALYZE " + ", ".join(f'"{t.name}"' for t in metadata.sorted_tables))
 
 
 @pytest.fixture(params=BACKENDS)
@@ -91,20 +130,20 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         shutil.copy(template, target)
         return f"sqlite:///{target}"
     url: str = request.getfixturevalue("pg_schema_url")
-    _truncate(url)
+    request.getfixturevalue("pg_reset")()
     return url
 
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
-    # The orchestrator, subscription delivery, the shipped protocols and topics are
-    # started by the tests that use them.
+    # The orchestrator, subscription delivery, EHR sync, the shipped protocols and topics
+    # are started by the tests that use them.
     # Most tests exercise FHIR behaviour, not access: authentication is off unless a test
     # turns it on (client_with(settings, auth="smart")).
     return Settings(database_url=database_url, base_url="http://testserver/fhir",
                     max_body_bytes=1_000_000, log_json=False, orchestrator=False,
                     load_protocols=False, subscriptions=False, load_topics=False,
-                    auth="off")
+                    ehr_sync=False, auth="off")
 
 
 @pytest.fixture
@@ -129,7 +168,7 @@ def client_with(settings: Settings, **overrides: Any) -> Iterator[TestClient]:
         yield test_client
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -143,14 +182,17 @@ def live_server(database_url: str) -> Iterator[str]:
 
 
 @contextmanager
-def running_server(database_url: str, **overrides: Any) -> Iterator[str]:
-    """A real uvicorn server on 127.0.0.1 in a thread, without the orchestrator or
-    authentication unless `overrides` says otherwise; yields its FHIR base URL."""
-    port = _free_port()
+def running_server(database_url: str, port: int | None = None,
+                   **overrides: Any) -> Iterator[str]:
+    """A real uvicorn server on 127.0.0.1 in a thread (on `port`, else a free one),
+    without the orchestrator or authentication unless `overrides` says otherwise; yields
+    its FHIR base URL."""
+    port = port or free_port()
     base = f"http://127.0.0.1:{port}/fhir"
     settings = Settings(database_url=database_url, base_url=base, log_json=False,
                         **{"orchestrator": False, "load_protocols": False, "auth": "off",
-                           "subscriptions": False, "load_topics": False, **overrides})
+                           "subscriptions": False, "load_topics": False,
+                           "ehr_sync": False, **overrides})
     config = uvicorn.Config(create_app(settings, migrate=False), host="127.0.0.1", port=port,
                             log_level="warning", loop="asyncio", lifespan="on")
     server = uvicorn.Server(config)

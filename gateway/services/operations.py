@@ -43,6 +43,10 @@ def type_operation(ctx: Context, request: FhirRequest, resource_type: str,
         return subscriptions.op_status(ctx, request, None)
     if name == "find-chain" and resource_type == "CarePlan":
         return scheduling.op_find_chain(ctx, request, None)
+    if name == "ehr-intake" and resource_type == "Patient":
+        from gateway.adapters.ehr.intake import op_ehr_intake  # an adapter, at the edge
+
+        return op_ehr_intake(ctx, request)
     raise _unknown(name)
 
 

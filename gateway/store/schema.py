@@ -316,3 +316,59 @@ schedule_claims = Table(
     Index("ix_schedule_claims_patient", "patient", "start"),
     Index("ix_schedule_claims_service", "service", "start"),
 )
+
+# EHR endpoints the gateway is a SMART Backend Services client of (gateway/adapters/ehr).
+ehr_endpoints = Table(
+    "ehr_endpoints", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("base_url", Text, nullable=False),
+    Column("client_id", String(TOKEN), nullable=False),
+    Column("private_jwk", Text, nullable=False),
+    Column("organization", String(TOKEN), nullable=False),  # the treatment centre
+    Column("scope", Text, nullable=True),
+    Column("enabled", Boolean, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+# Changes an EHR refused (4xx) when written back: kept, with its answer, instead of
+# blocking every later change behind them; `atm ehr list` counts them.
+ehr_rejections = Table(
+    "ehr_rejections", metadata,
+    Column("id", SEQ, primary_key=True, autoincrement=True),
+    Column("endpoint", String(64), nullable=False),
+    Column("seq", BigInteger, nullable=False),  # the change-log entry
+    Column("reference", String(TOKEN), nullable=False),  # what was being written
+    Column("status", Integer, nullable=False),
+    Column("answer", Text, nullable=False),
+    Column("at", BigInteger, nullable=False),
+    Index("ix_ehr_rejections_endpoint", "endpoint", "seq"),
+)
+
+# The HL7 v2 bridge to a LIMS (gateway/adapters/hl7): every message received or to be
+# sent, kept with its raw text, so that none is lost. Inbound (`in`): received, then
+# applied or failed (kept with the reason for `atm hl7 replay`); a resend of the same
+# control id from the same sender is found by the unique key and answered the same ACK.
+# Outbound (`out`): pending, sent (awaiting its ACK), acked or rejected; one per order.
+hl7_messages = Table(
+    "hl7_messages", metadata,
+    Column("id", SEQ, primary_key=True, autoincrement=True),
+    Column("direction", String(3), nullable=False),  # in | out
+    Column("control_id", String(199), nullable=True),  # MSH-10; None: no readable MSH
+    Column("application", String(TOKEN), nullable=False),  # MSH-3 of the sender
+    Column("facility", String(TOKEN), nullable=False),  # MSH-4 of the sender
+    Column("message_type", String(16), nullable=True),  # MSH-9, e.g. ORU^R01
+    Column("coi", String(32), nullable=True),  # the chain of identity it is about
+    Column("source", String(TYPE + ID + 1), nullable=True),  # out: ServiceRequest/<id>
+    Column("raw", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("ack", Text, nullable=True),  # the ACK answered (in) or received (out)
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt", BigInteger, nullable=False),  # µs; out: not before
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    Index("ux_hl7_messages_control_id", "direction", "application", "facility", "control_id",
+          unique=True),
+    Index("ux_hl7_messages_source", "source", unique=True),
+    Index("ix_hl7_messages_due", "direction", "status", "next_attempt"),
+)

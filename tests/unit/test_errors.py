@@ -30,6 +30,8 @@ EXPECTED = {
     "MultipleMatchesError": (412, "multiple-matches"), "TooCostlyError": (400, "too-costly"),
     "ThrottledError": (429, "throttled"),
     "UnexpectedError": (500, "exception"),
+    "BadGatewayError": (502, "exception"),
+    "UnavailableError": (503, "transient"),
 }
 
 
