@@ -243,7 +243,9 @@ class _JwksServer(BaseHTTPRequestHandler):
 def jwks_url() -> Iterator[str]:
     _JwksServer.body, _JwksServer.hits = json.dumps(public_set(RSA)).encode(), 0
     server = ThreadingHTTPServer(("127.0.0.1", 0), _JwksServer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # Checking for shutdown every 50 ms, not the default 0.5 s: shutdown() waits for it.
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/jwks.json"
     server.shutdown()

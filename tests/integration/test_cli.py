@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -72,19 +73,30 @@ def test_serve_with_several_workers_on_sqlite_is_refused(tmp_path: Path) -> None
     assert "several workers need PostgreSQL" in result.stderr
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """`atm serve` on a free port; yields its address and its stderr log file."""
+@dataclass
+class Served:
+    address: str
+    log: Path
+    """Its stdout and stderr."""
+    workdir: Path
+    """Its working directory: `atm` commands run here use its database."""
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """`atm serve` on a free port, shared by this module's tests: each new one spends
+    seconds starting (migrating, storing the shipped protocols and topics)."""
+    workdir = tmp_path_factory.mktemp("served")
     port = free_port()
-    log = tmp_path / "serve.log"
+    log = workdir / "serve.log"
     with log.open("w") as sink:
         process = subprocess.Popen([*atm_command(), "serve", "--port", str(port)],
-                                   cwd=tmp_path, env=clean_env(tmp_path), stdout=sink,
+                                   cwd=workdir, env=clean_env(workdir), stdout=sink,
                                    stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(address, process)
-        yield address, log
+        yield Served(address, log, workdir)
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -114,8 +126,8 @@ def access_lines(log: Path, request_id: str) -> list[dict[str, object]]:
         time.sleep(0.05)
 
 
-def test_serve_answers_healthz_fhir_and_logs_json(served: tuple[str, Path]) -> None:
-    address, log = served
+def test_serve_answers_healthz_fhir_and_logs_json(served: Served) -> None:
+    address, log = served.address, served.log
     response = httpx.get(f"{address}/healthz", headers={"X-Request-ID": "cli-check"})
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
@@ -132,46 +144,53 @@ def test_serve_answers_healthz_fhir_and_logs_json(served: tuple[str, Path]) -> N
 
 
 def test_serve_asks_for_tokens_and_a_client_made_with_new_key_gets_one(
-        served: tuple[str, Path], tmp_path: Path) -> None:
-    address, _ = served
+        served: Served) -> None:
+    address, workdir = served.address, served.workdir
     assert httpx.get(f"{address}/fhir/Task").status_code == 401  # ATM_AUTH=smart by default
-    added = run_atm(tmp_path, "clients", "add", "--name", "explorer", "--role", "admin",
+    added = run_atm(workdir, "clients", "add", "--name", "explorer", "--role", "admin",
                     "--organization", "Organization/ops", "--scopes", "system/*.cruds",
                     "--new-key", "var/explorer.json")
     assert added.returncode == 0, added.stderr
-    saved = tmp_path / "var" / "explorer.json"
+    saved = workdir / "var" / "explorer.json"
     assert saved.stat().st_mode & 0o077 == 0  # its owner's eyes only
     credentials = json.loads(saved.read_text())
     assert credentials["client_id"] == json.loads(added.stdout)["client_id"]
     assert "d" in credentials["keys"][0]  # the private key, kept by the client alone
-    token = run_atm(tmp_path, "token", "--credentials", "var/explorer.json",
+    token = run_atm(workdir, "token", "--credentials", "var/explorer.json",
                     "--server", f"{address}/fhir")
     assert token.returncode == 0, token.stderr
     bearer = {"Authorization": f"Bearer {token.stdout.strip()}"}
     assert httpx.get(f"{address}/fhir/Task", headers=bearer).status_code == 200
-    refused = run_atm(tmp_path, "clients", "add", "--name", "x", "--role", "admin",
+    refused = run_atm(workdir, "clients", "add", "--name", "x", "--role", "admin",
                       "--organization", "Organization/ops", "--new-key", "var/x.json",
                       "--jwks-url", "https://example.org/jwks")
     assert refused.returncode != 0 and "--new-key" in refused.stderr
 
 
 def test_audit_verify_reports_an_intact_chain_then_names_an_edited_record(
-        served: tuple[str, Path], tmp_path: Path) -> None:
-    address, _ = served
+        served: Served) -> None:
+    address, workdir = served.address, served.workdir
     for _ in range(3):
         httpx.get(f"{address}/fhir/metadata")
     deadline = time.monotonic() + 10
     while True:  # the server chains its records within a fraction of a second
-        result = run_atm(tmp_path, "audit", "verify")
+        result = run_atm(workdir, "audit", "verify")
         report = json.loads(result.stdout)
         if report["checked"] >= 3 and report["pending"] == 0:
             break
         assert time.monotonic() < deadline, report
         time.sleep(0.1)
     assert result.returncode == 0 and report["intact"] is True
-    with sqlite3.connect(tmp_path / "data" / "atm.db") as conn:  # an insider's edit
-        conn.execute("UPDATE audit_log SET address = '10.0.0.9' WHERE seq = 2")
-    broken = run_atm(tmp_path, "audit", "verify")
+    database = workdir / "data" / "atm.db"
+    with sqlite3.connect(database) as conn:
+        (address_before,) = conn.execute(
+            "SELECT address FROM audit_log WHERE seq = 2").fetchone()
+        conn.execute("UPDATE audit_log SET address = '10.0.0.9' WHERE seq = 2")  # an insider
+    try:
+        broken = run_atm(workdir, "audit", "verify")
+    finally:  # the server is shared with the module's other tests: undo the edit
+        with sqlite3.connect(database) as conn:
+            conn.execute("UPDATE audit_log SET address = ? WHERE seq = 2", (address_before,))
     assert broken.returncode == 1
     assert json.loads(broken.stdout)["brokenAt"] == "AuditEvent/2"
 

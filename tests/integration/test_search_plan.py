@@ -12,6 +12,7 @@ from gateway import jsonio
 from gateway.store import search_query, search_sql
 from gateway.store.database import Database
 from gateway.store.repository import Repository
+from tests.conftest import analyze_store
 from tests.factories import ref, task
 
 WORKLIST = [("status", "ready"), ("owner", "Organization/org-1"), ("_count", "20")]
@@ -45,7 +46,7 @@ def plan(conn: Connection, pairs: list[tuple[str, str]], driven: bool) -> list[s
     sql = str(stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
     if conn.dialect.name == "sqlite":
         return [row[3] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
-    conn.exec_driver_sql("ANALYZE")  # as autovacuum would have by the time it matters
+    analyze_store(conn)  # as autovacuum would have by the time it matters
     conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
     return [row[0] for row in conn.exec_driver_sql("EXPLAIN " + sql)]
 

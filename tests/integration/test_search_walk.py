@@ -14,6 +14,7 @@ from gateway import jsonio
 from gateway.store import search_query, search_sql
 from gateway.store.database import Database
 from gateway.store.repository import Repository
+from tests.conftest import analyze_store
 from tests.factories import ref, task
 
 STATUSES = ["ready", "completed", "requested"]
@@ -133,7 +134,7 @@ def walk_plan(conn: Connection, pairs: list[tuple[str, str]]) -> tuple[search_sq
     sql = str(stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
     if conn.dialect.name == "sqlite":
         return walk, [row[3] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
-    conn.exec_driver_sql("ANALYZE")
+    analyze_store(conn)
     conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
     return walk, [row[0] for row in conn.exec_driver_sql("EXPLAIN " + sql)]
 

@@ -390,8 +390,13 @@ def test_failed_handshake_is_an_error_until_the_endpoint_answers(
     assert len(receiver.of_kind("handshake")) == 1
 
 
-def test_a_hung_endpoint_delays_no_other_subscription(server: TestClient) -> None:
-    with receiving(delay=4.0) as slow, receiving() as fast:
+def test_a_hung_endpoint_delays_no_other_subscription(settings: Settings) -> None:
+    # subscription_timeout_seconds also bounds how long the server, stopping, waits for the
+    # hung delivery (the slow Subscription's own timeout is 10 s): 1 s, not 10, keeps the
+    # test from waiting the hang out.
+    with client_with(settings, **subscription_settings(
+            settings, subscription_timeout_seconds=1.0)) as server, \
+            receiving(delay=4.0) as slow, receiving() as fast:
         subscribe(server, subscription(slow.url(), timeout=10))
         fast_id = subscribe(server, subscription(fast.url()))
         wait_status(server, fast_id, "active")
