@@ -163,7 +163,7 @@ def quota(limit: int, period: str = "week", centre: str | None = None) -> dict[s
 def build(client: httpx.Client, *, mfg_capacity: int = 1, capacity: int = 1,
           mfg_quota: dict[str, Any] | None = None) -> Network:
     """Five sites with a slot a day: apheresis for two weeks, manufacturing for four,
-    infusion from week 4 to week 10 (each slot with room for `capacity` bookings, or
+    infusion from day 28 to day 59 (each slot with room for `capacity` bookings, or
     `mfg_capacity` at the manufacturer)."""
     plans = client.get("/fhir/PlanDefinition", params={"name": "CarTAutologous"}).json()
     plan = plans["entry"][0]["resource"]
@@ -173,6 +173,6 @@ def build(client: httpx.Client, *, mfg_capacity: int = 1, capacity: int = 1,
     network.slots("aph-a", range(0, 14), capacity=capacity)
     network.slots("aph-b", range(0, 14), hour=13, capacity=capacity)
     network.slots("mfg", range(0, 28), hour=8, hours=8, capacity=max(mfg_capacity, capacity))
-    network.slots("inf-a", range(28, 70), hour=10, capacity=capacity)
-    network.slots("inf-b", range(28, 70), hour=14, capacity=capacity)
+    network.slots("inf-a", range(28, 60), hour=10, capacity=capacity)
+    network.slots("inf-b", range(28, 60), hour=14, capacity=capacity)
     return network
