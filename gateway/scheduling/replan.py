@@ -11,11 +11,11 @@ version. What cannot be done (a lead time broken upstream, no slot downstream, t
 patient busy, a slot full) is a 409 that says why, never a silent double booking.
 
 A manufacturing delay is reported by the LIMS as a new expected release (extension
-`expected-release`) on the manufacturing Task or on the product. When it is later than the booked
-manufacturing appointment ends, the steps after it are re-planned as a proposal, from
-the delayed release, and the enrolment's care team and partners are told by an urgent
-Communication (which subscription topics on Communication also deliver). The proposal
-is confirmed with $reschedule.
+`expected-release`) on the manufacturing Task or on the product. When it is later than
+the booked manufacturing appointment ends, the steps after it are re-planned as a
+proposal, from the delayed release, and the enrolment's care team and partners are told
+by an urgent Communication (which the `communication-sent` topic delivers to their
+systems). The proposal is confirmed with $reschedule.
 
 `CarePlan/{id}/$cancel-chain` cancels the whole booked chain with a reason.
 """
