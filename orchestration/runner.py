@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
+from gateway.background import in_thread
 from gateway.custody import coi
 from gateway.errors import FhirError
 from gateway.scheduling.operations import booked_chain
@@ -322,16 +323,10 @@ def running_beside(db: Database, settings: Settings) -> Iterator[Orchestrator | 
         yield None
         return
     orchestrator = Orchestrator(db, settings, workers=settings.orchestrator_workers)
-    stop = threading.Event()
-    thread = threading.Thread(
-        target=orchestrator.serve, name="atm-orchestrator", daemon=True,
-        args=(stop, settings.orchestrator_poll_seconds, settings.deadline_check_seconds))
-    thread.start()
-    try:
+    with in_thread(lambda stop: orchestrator.serve(stop, settings.orchestrator_poll_seconds,
+                                                   settings.deadline_check_seconds),
+                   "atm-orchestrator"):
         yield orchestrator
-    finally:
-        stop.set()
-        thread.join(timeout=30)
 
 
 def _assign_coi_when_due(ctx: Context, repo: Repository, protocol: Protocol,

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from gateway.background import in_thread
 from gateway.settings import Settings
 from gateway.store.database import Database
 from gateway.subscriptions.delivery import Deliverer
@@ -59,12 +60,5 @@ def running_beside(db: Database, settings: Settings) -> Iterator[SubscriptionWor
         yield None
         return
     worker = SubscriptionWorker(db, settings)
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.serve, args=(stop,), daemon=True,
-                              name="atm-subscriptions")
-    thread.start()
-    try:
+    with in_thread(worker.serve, "atm-subscriptions", join_seconds=60):
         yield worker
-    finally:
-        stop.set()
-        thread.join(timeout=60)

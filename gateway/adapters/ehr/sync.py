@@ -34,6 +34,7 @@ from gateway import jsonio
 from gateway.adapters.ehr.client import EhrClient, EhrRefused, EhrUnavailable
 from gateway.adapters.ehr.endpoints import Endpoint, list_endpoints
 from gateway.adapters.ehr.intake import intake
+from gateway.background import in_thread
 from gateway.custody import report
 from gateway.custody.report_html import render
 from gateway.errors import FhirError
@@ -313,11 +314,5 @@ def running_beside(db: Database, settings: Settings) -> Iterator[EhrSync | None]
         yield None
         return
     sync = EhrSync(db, settings)
-    stop = threading.Event()
-    thread = threading.Thread(target=serve, args=(sync, stop), daemon=True, name="atm-ehr")
-    thread.start()
-    try:
+    with in_thread(lambda stop: serve(sync, stop), "atm-ehr"):
         yield sync
-    finally:
-        stop.set()
-        thread.join(timeout=30)

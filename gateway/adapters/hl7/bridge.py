@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from gateway.adapters.hl7 import listener
 from gateway.adapters.hl7.orders import OrderBook
 from gateway.adapters.hl7.sender import OrderSender
+from gateway.background import in_thread
 from gateway.settings import Settings
 from gateway.store.database import Database
 
@@ -89,12 +90,6 @@ def running_beside(db: Database, settings: Settings) -> Iterator[Bridge | None]:
         yield None
         return
     bridge = Bridge(db, settings)
-    stop = threading.Event()
-    thread = threading.Thread(target=bridge.serve, args=(stop,), name="atm-hl7", daemon=True)
-    thread.start()
-    bridge.started.wait(START_SECONDS)
-    try:
+    with in_thread(bridge.serve, "atm-hl7"):
+        bridge.started.wait(START_SECONDS)
         yield bridge
-    finally:
-        stop.set()
-        thread.join(timeout=30)
