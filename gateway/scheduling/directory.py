@@ -23,12 +23,12 @@ from typing import Any
 
 from sqlalchemy import and_, func, or_, select
 
-from gateway.scheduling.slots import ATM, EPOCH, local_id, moment, refused, to_micros
+from gateway.scheduling.slots import ATM, local_id, refused
 from gateway.services.context import Context
 from gateway.services.search import match_ids
 from gateway.store.repository import Repository
 from gateway.store.schema import schedule_claims, schedule_slots
-from gateway.store.timeparse import now_micros
+from gateway.store.timeparse import micros_of, moment_of, now_micros
 from orchestration.chains import SERVICE_SYSTEM, ChainStep
 from orchestration.scheduling import OpenSlot, Quota, Route, Service, period_start
 
@@ -139,8 +139,8 @@ def _quotas(ctx: Context, repo: Repository, services: dict[str, Service], centre
 def _used(repo: Repository, service: str, period: str, owner: str | None,
           around: tuple[datetime, datetime]) -> dict[Any, int]:
     """Bookings already made at a service, per period (for one centre, or all)."""
-    low = to_micros(around[0] - timedelta(days=31))
-    high = to_micros(around[1] + timedelta(days=31))
+    low = micros_of(around[0] - timedelta(days=31))
+    high = micros_of(around[1] + timedelta(days=31))
     query = select(schedule_claims.c.start).where(
         schedule_claims.c.service == service, schedule_claims.c.appointment_id.is_not(None),
         schedule_claims.c.start >= low, schedule_claims.c.start < high)
@@ -148,7 +148,7 @@ def _used(repo: Repository, service: str, period: str, owner: str | None,
         query = query.where(schedule_claims.c.organization == owner)
     used: dict[Any, int] = {}
     for (start,) in repo.conn.execute(query):
-        key = period_start(period, moment(start))
+        key = period_start(period, moment_of(start))
         used[key] = used.get(key, 0) + 1
     return used
 
@@ -170,13 +170,13 @@ def patient_busy(repo: Repository, patient: str | None, careplan_id: str | None,
         return ()
     rows = repo.conn.execute(select(schedule_claims.c.start, schedule_claims.c.end).where(
         schedule_claims.c.patient == patient,
-        schedule_claims.c.end > to_micros(around[0]),
-        schedule_claims.c.start < to_micros(around[1]),
+        schedule_claims.c.end > micros_of(around[0]),
+        schedule_claims.c.start < micros_of(around[1]),
         or_(and_(schedule_claims.c.appointment_id.is_not(None),
                  schedule_claims.c.appointment_id.not_in(list(ignore) or [""])),
             and_(schedule_claims.c.expires > now_micros(),
                  schedule_claims.c.careplan_id != (careplan_id or "")))))
-    return tuple((moment(start), moment(end)) for start, end in rows)
+    return tuple((moment_of(start), moment_of(end)) for start, end in rows)
 
 
 class SlotLoader:
@@ -191,7 +191,7 @@ class SlotLoader:
                  end: datetime) -> list[OpenSlot]:
         if not services:
             return []
-        low, high = to_micros(start), to_micros(end)
+        low, high = micros_of(start), micros_of(end)
         slots = schedule_slots.c
         rows = self.repo.conn.execute(
             select(slots.slot_id, slots.service, slots.start, slots.end,
@@ -204,8 +204,8 @@ class SlotLoader:
             .where(schedule_claims.c.service.in_(services), schedule_claims.c.start >= low,
                    schedule_claims.c.start < high, schedule_claims.c.expires > self.now)
             .group_by(schedule_claims.c.slot_id)).all())
-        return [OpenSlot(slot_id, service, EPOCH + timedelta(microseconds=begin),
-                         EPOCH + timedelta(microseconds=finish), free - held.get(slot_id, 0))
+        return [OpenSlot(slot_id, service, moment_of(begin),
+                         moment_of(finish), free - held.get(slot_id, 0))
                 for slot_id, service, begin, finish, free in rows
                 if free - held.get(slot_id, 0) > 0]
 

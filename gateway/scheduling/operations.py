@@ -47,9 +47,7 @@ from gateway.scheduling.slots import (
     Claim,
     SlotTakenError,
     local_id,
-    moment,
     refused,
-    to_micros,
     treatment_centre,
 )
 from gateway.services import access, visibility
@@ -58,7 +56,7 @@ from gateway.services.parameters import arguments, instant, named, number, text
 from gateway.services.search import match_ids
 from gateway.store.repository import Repository, Version, new_id
 from gateway.store.schema import schedule_claims, schedule_slots
-from gateway.store.timeparse import format_instant, now_micros
+from gateway.store.timeparse import format_instant, micros_of, moment_of, now_micros
 from orchestration.chains import PRIORITIES, ChainStep
 from orchestration.protocol import Protocol
 from orchestration.scheduling import (
@@ -141,7 +139,7 @@ def _typeenrolment_of(ctx: Context, repo: Repository,
 
 def _query(repo: Repository, enrolment: Enrolment, args: list[dict[str, Any]],
            ignore: tuple[str, ...] = ()) -> Query:
-    earliest = instant(args, "start") or moment(now_micros())
+    earliest = instant(args, "start") or moment_of(now_micros())
     latest = instant(args, "end") or earliest + DEFAULT_HORIZON
     if latest < earliest or latest - earliest > MAX_HORIZON:
         raise InvalidError(f"end must follow start by at most {MAX_HORIZON.days} days")
@@ -181,8 +179,8 @@ def _step_part(step: ChainStep, slot: OpenSlot, found_in: Directory) -> dict[str
         parts.append({"name": "location", "valueReference": _reference(service.location)})
     if slot.id:
         parts.append({"name": "slot", "valueReference": _reference(f"Slot/{slot.id}")})
-    parts += [{"name": "start", "valueInstant": format_instant(to_micros(slot.start))},
-              {"name": "end", "valueInstant": format_instant(to_micros(slot.end))}]
+    parts += [{"name": "start", "valueInstant": format_instant(micros_of(slot.start))},
+              {"name": "end", "valueInstant": format_instant(micros_of(slot.end))}]
     return {"name": "step", "part": parts}
 
 
@@ -307,7 +305,7 @@ def _published(repo: Repository, reference: str) -> OpenSlot:
         schedule_slots.c.slot_id == (slot_id or ""))).first() if slot_id else None
     if row is None:
         raise refused(f"{reference} is not a published Slot", "Parameters.parameter")
-    return OpenSlot(row.slot_id, row.service or "", moment(row.start), moment(row.end),
+    return OpenSlot(row.slot_id, row.service or "", moment_of(row.start), moment_of(row.end),
                     row.capacity - row.booked)
 
 
@@ -337,7 +335,7 @@ def op_hold_chain(ctx: Context, request: FhirRequest, careplan_id: str) -> FhirR
         _check(ctx, repo, enrolment, _query(repo, enrolment, []), chosen)
         for slot in chosen:
             slot_store.take(repo, Claim(
-                to_micros(slot.start), to_micros(slot.end), slot.id, enrolment.patient,
+                micros_of(slot.start), micros_of(slot.end), slot.id, enrolment.patient,
                 careplan_id, enrolment.centre, hold_id=hold_id, expires=expires))
     return respond([{"name": "hold", "valueString": hold_id},
                         {"name": "expires", "valueInstant": format_instant(expires)},
@@ -411,8 +409,8 @@ def appointment_resource(ctx: Context, enrolment: Enrolment, step: ChainStep,
             {"system": "https://atm-gateway.org/fhir/CodeSystem/scheduling-service",
              "code": step.service}]}],
         "description": stage.title if stage is not None else step.stage,
-        "start": format_instant(to_micros(slot.start)),
-        "end": format_instant(to_micros(slot.end)),
+        "start": format_instant(micros_of(slot.start)),
+        "end": format_instant(micros_of(slot.end)),
         "created": format_instant(now_micros())[:10], "participant": participants}
     if slot.id:
         appointment["slot"] = [{"reference": f"Slot/{slot.id}"}]

@@ -39,12 +39,12 @@ from gateway.errors import (
 from gateway.scheduling import operations as ops
 from gateway.scheduling import slots as slot_store
 from gateway.scheduling.directory import SlotLoader, directory, internal, patient_busy
-from gateway.scheduling.slots import ATM, moment, to_micros
+from gateway.scheduling.slots import ATM
 from gateway.services import access, visibility
 from gateway.services.context import Context, FhirRequest, FhirResponse
 from gateway.services.parameters import arguments, text
 from gateway.store.repository import Repository, Version
-from gateway.store.timeparse import format_instant, now_micros
+from gateway.store.timeparse import format_instant, micros_of, moment_of, now_micros
 from orchestration.chains import ChainStep
 from orchestration.scheduling import Found, OpenSlot, Query, check_chain, find_chains
 from orchestration.state import task_run_key
@@ -73,7 +73,7 @@ def _plan(ctx: Context, repo: Repository, enrolment: ops.Enrolment,
                for s in steps]
     ignore = tuple(v.id for v in booked.values())
     busy = patient_busy(repo, enrolment.patient, enrolment.careplan_id,
-                        (moment(0), ops.FAR), ignore)
+                        (moment_of(0), ops.FAR), ignore)
     found_in = directory(ctx, repo, steps, enrolment.centre, (new.start, ops.FAR))
     upstream = [s for s in current[:moved] if s is not None]
     if len(upstream) == moved:
@@ -114,7 +114,7 @@ def _downstream(repo: Repository, steps: tuple[Any, ...], pinned: dict[str, Open
                 moved: int, current: list[OpenSlot | None], found_in: Any,
                 busy: tuple[tuple[datetime, datetime], ...], delay: timedelta) -> Found:
     """The earliest later steps, each no earlier than it was booked plus `delay`."""
-    windows = {step.stage: (old.start + delay if old is not None else moment(0), ops.FAR)
+    windows = {step.stage: (old.start + delay if old is not None else moment_of(0), ops.FAR)
                for step, old in zip(steps[moved + 1:], current[moved + 1:], strict=True)}
     anchor = pinned[steps[0].stage].start
     query = Query(steps, anchor, anchor, count=1, busy=busy, windows=windows, pinned=pinned)
@@ -151,7 +151,7 @@ def op_reschedule(ctx: Context, request: FhirRequest, appointment_id: str) -> Fh
             {"name": "appointment", "valueReference": {
                 "reference": f"Appointment/{booked[stage_id].id}"}},
             {"name": "from", "valueInstant": booked[stage_id].resource()["start"]},
-            {"name": "to", "valueInstant": format_instant(to_micros(slot.start))},
+            {"name": "to", "valueInstant": format_instant(micros_of(slot.start))},
             *([{"name": "slot", "valueReference": {"reference": f"Slot/{slot.id}"}}]
               if slot.id else [])]}
         for stage_id, slot in moves if stage_id in booked)])
@@ -238,7 +238,7 @@ def _delayed(ctx: Context, repo: Repository, careplan_id: str,
         return
     release = expected_release(reported.resource()) or ""
     manufacturing = ops.booked_slot(booked[enrolment.steps[index].stage].resource())
-    delay = moment(slot_store.micros(release, f"{reported.resource_type}.extension")) - (
+    delay = moment_of(slot_store.micros(release, f"{reported.resource_type}.extension")) - (
         manufacturing.end)
     if delay <= timedelta(0):
         return
@@ -256,7 +256,7 @@ def _propose(ctx: Context, repo: Repository, enrolment: ops.Enrolment,
     pinned = {s.stage: slot for s, slot in zip(steps[:index], current[:index], strict=True)
               if slot is not None}
     pinned[steps[index].stage] = shifted
-    busy = patient_busy(repo, enrolment.patient, enrolment.careplan_id, (moment(0), ops.FAR),
+    busy = patient_busy(repo, enrolment.patient, enrolment.careplan_id, (moment_of(0), ops.FAR),
                         tuple(v.id for v in booked.values()))
     found_in = directory(ctx, repo, steps, enrolment.centre, (shifted.start, ops.FAR))
     found = _downstream(repo, steps, pinned, index, current, found_in, busy, delay)

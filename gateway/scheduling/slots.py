@@ -16,7 +16,7 @@ the site closed it (`busy-unavailable`, `entered-in-error`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, or_, select, update
@@ -25,7 +25,7 @@ from gateway.errors import BusinessRuleError, ConflictError, Issue
 from gateway.services.context import Context
 from gateway.store.repository import Repository, Version
 from gateway.store.schema import schedule_claims, schedule_slots
-from gateway.store.timeparse import now_micros
+from gateway.store.timeparse import micros_of, now_micros
 from orchestration.state import role_assignments
 
 ATM = "https://atm-gateway.org/fhir"
@@ -49,19 +49,7 @@ def micros(value: Any, expression: str) -> int:
         raise refused(f"{expression} is not an instant", expression) from exc
     if moment.tzinfo is None:
         raise refused(f"{expression} needs a time zone", expression)
-    return (moment - EPOCH) // _MICROSECOND
-
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = datetime(1970, 1, 1, 0, 0, 0, 1, tzinfo=UTC) - EPOCH
-
-
-def moment(value: int) -> datetime:
-    return EPOCH + value * _MICROSECOND
-
-
-def to_micros(at: datetime) -> int:
-    return (at - EPOCH) // _MICROSECOND
+    return micros_of(moment)
 
 
 def local_id(reference: Any, resource_type: str) -> str | None:

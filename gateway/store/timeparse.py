@@ -23,8 +23,14 @@ _MINUTE = 60 * _SECOND
 _DAY = 24 * 60 * _MINUTE
 
 
-def _micros(moment: datetime) -> int:
+def micros_of(moment: datetime) -> int:
+    """An aware datetime as µs since the epoch, the store's time."""
     return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+def moment_of(micros: int) -> datetime:
+    """The store's µs since the epoch as an aware datetime (UTC)."""
+    return EPOCH + timedelta(microseconds=micros)
 
 
 def _day(year: int, month: int, day: int) -> int:
@@ -100,7 +106,7 @@ def parse_http_date(text: str) -> int | None:
         moment = datetime.strptime(text.strip(), "%a, %d %b %Y %H:%M:%S GMT")
     except ValueError:
         return None
-    return _micros(moment.replace(tzinfo=UTC))
+    return micros_of(moment.replace(tzinfo=UTC))
 
 
 def now_micros() -> int:
