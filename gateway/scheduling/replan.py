@@ -38,7 +38,13 @@ from gateway.errors import (
 )
 from gateway.scheduling import operations as ops
 from gateway.scheduling import slots as slot_store
-from gateway.scheduling.directory import SlotLoader, directory, internal, patient_busy
+from gateway.scheduling.directory import (
+    Directory,
+    SlotLoader,
+    directory,
+    internal,
+    patient_busy,
+)
 from gateway.scheduling.slots import ATM
 from gateway.services import access, visibility
 from gateway.services.context import Context, FhirRequest, FhirResponse
@@ -110,8 +116,8 @@ def _as_published(slot: OpenSlot, reason: str | None) -> OpenSlot:
     return slot if slot.id or reason else OpenSlot("-", slot.service, slot.start, slot.end)
 
 
-def _downstream(repo: Repository, steps: tuple[Any, ...], pinned: dict[str, OpenSlot],
-                moved: int, current: list[OpenSlot | None], found_in: Any,
+def _downstream(repo: Repository, steps: tuple[ChainStep, ...], pinned: dict[str, OpenSlot],
+                moved: int, current: list[OpenSlot | None], found_in: Directory,
                 busy: tuple[tuple[datetime, datetime], ...], delay: timedelta) -> Found:
     """The earliest later steps, each no earlier than it was booked plus `delay`."""
     windows = {step.stage: (old.start + delay if old is not None else moment_of(0), ops.FAR)

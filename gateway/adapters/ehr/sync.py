@@ -100,6 +100,7 @@ class EhrSync:
         self._waiting_until: dict[str, float] = {}
         self._stored: dict[str, tuple[int, float]] = {}  # cursor -> (seq, when stored)
         self._position: dict[str, int] = {}  # cursor -> how far this process has got
+        self._only_one = False  # whether a single endpoint is enabled (this pass)
 
     def _keep(self, name: str, seq: int, moved_something: bool) -> None:
         """Store a cursor when something was written, else at most once a second: a
@@ -126,7 +127,9 @@ class EhrSync:
     def run_once(self) -> dict[str, Round]:
         """One pass over each enabled endpoint not waiting for its EHR to come back."""
         done = {}
-        for endpoint in list_endpoints(self.db, enabled_only=True):
+        endpoints = list_endpoints(self.db, enabled_only=True)
+        self._only_one = len(endpoints) == 1  # read once a pass, not once a referral
+        for endpoint in endpoints:
             if time.monotonic() < self._waiting_until.get(endpoint.name, 0.0):
                 continue
             result = self.write_back(endpoint)
@@ -267,7 +270,7 @@ class EhrSync:
         identifier = subject.get("identifier", {})
         if (subject.get("reference") or not identifier.get("value")
                 or not request.get("instantiatesCanonical")
-                or not _from(request, endpoint, self.db)):
+                or not _from(request, endpoint, self._only_one)):
             return 0
         patient = intake(ctx, endpoint, f"{identifier.get('system', '')}|{identifier['value']}")
         with ctx.writing() as repo:
@@ -280,12 +283,12 @@ class EhrSync:
         return 1
 
 
-def _from(request: dict[str, Any], endpoint: Endpoint, db: Database) -> bool:
+def _from(request: dict[str, Any], endpoint: Endpoint, only_one: bool) -> bool:
     """The referral came from this EHR: its meta.source, or the only endpoint there is."""
     source = request.get("meta", {}).get("source")
     if source:
         return str(source).rstrip("/").startswith(endpoint.base_url)
-    return len(list_endpoints(db, enabled_only=True)) == 1
+    return only_one
 
 
 # -- running beside the server -----------------------------------------------------------------
