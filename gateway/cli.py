@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,8 @@ app.add_typer(db_app, name="db")
 clients_app = typer.Typer(help="OAuth2 clients of partner systems (SMART Backend Services).",
                           no_args_is_help=True)
 app.add_typer(clients_app, name="clients")
+users_app = typer.Typer(help="People who sign in to the dashboard.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
 protocols_app = typer.Typer(help="Therapy protocols: check, compile and load YAML protocols "
                             "(orchestration/PROTOCOLS.md).", no_args_is_help=True)
 app.add_typer(protocols_app, name="protocols")
@@ -161,6 +164,9 @@ def demo(server: str = typer.Option("http://127.0.0.1:8080/fhir", help="FHIR bas
                                     "a running `atm serve`"),
          patients: int = typer.Option(3, min=1, max=50, help="Synthetic patients, spread "
                                       "over the server's protocols"),
+         open_journeys: int = typer.Option(0, "--open", min=0, max=200, help="More patients "
+                                           "left part of the way, each at another stage, for "
+                                           "the dashboard to show journeys under way"),
          timeout: float = typer.Option(300.0, help="Give up after this many seconds "
                                        "without every journey finished"),
          report: str = typer.Option("var/custody-report.html", help="Where to write "
@@ -178,7 +184,7 @@ def demo(server: str = typer.Option("http://127.0.0.1:8080/fhir", help="FHIR bas
     db = _database()
     try:
         summary = run_demo(server, patients, typer.echo, timeout=timeout, db=db,
-                           report=Path(report))
+                           report=Path(report), open_journeys=open_journeys)
     except (DemoError, TokenError, httpx.HTTPError) as exc:
         typer.echo(f"demo stopped: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -266,6 +272,88 @@ def clients_disable(client_id: Annotated[str, typer.Argument(help="The client's 
     if not found:
         _fail(f"no client {client_id}")
     typer.echo(f"client {client_id} disabled")
+
+
+@users_app.command("add")
+def users_add(
+        username: Annotated[str, typer.Argument(help="What the person signs in with")],
+        role: Annotated[str, typer.Option(help="As for partner clients: treatment-centre "
+                                          "(sees its own patients), admin (everything), "
+                                          "apheresis-centre, manufacturer, …")],
+        organization: Annotated[str, typer.Option(help="Organization/<id> they work for")],
+        name: Annotated[str | None, typer.Option(help="Their name, as pages show it")] = None,
+        password: Annotated[str, typer.Option(
+            prompt=True, hide_input=True, confirmation_prompt=True,
+            envvar="ATM_NEW_USER_PASSWORD",
+            help="At least 12 characters; asked for when not given (or set "
+                 "ATM_NEW_USER_PASSWORD)")] = "",
+) -> None:
+    """Add a person who signs in to the dashboard."""
+    from gateway.auth.people import UserError, add_user
+
+    db = _database()
+    try:
+        user = add_user(db, username=username, password=password, role=role,
+                        organization=organization, display_name=name, now=int(time.time()))
+    except UserError as exc:
+        _fail(str(exc))
+    finally:
+        db.dispose()
+    typer.echo(f"user {user.username} added ({user.role}, {user.organization})")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """Every dashboard user, as JSON lines (never their passwords)."""
+    from gateway.auth.people import list_users
+
+    db = _database()
+    try:
+        for user in list_users(db):
+            typer.echo(json.dumps({"username": user.username, "name": user.display_name,
+                                   "role": user.role, "organization": user.organization,
+                                   "disabled": user.disabled}))
+    finally:
+        db.dispose()
+
+
+@users_app.command("disable")
+def users_disable(username: Annotated[str, typer.Argument(help="The user")],
+                  enable: Annotated[bool, typer.Option(
+                      "--enable", help="Enable the user again instead")] = False) -> None:
+    """Stop a user signing in; their open sessions end within a second."""
+    from gateway.auth.people import set_disabled
+
+    db = _database()
+    try:
+        found = set_disabled(db, username, not enable)
+    finally:
+        db.dispose()
+    if not found:
+        _fail(f"no user {username}")
+    typer.echo(f"user {username} {'enabled' if enable else 'disabled'}")
+
+
+@users_app.command("password")
+def users_password(
+        username: Annotated[str, typer.Argument(help="The user")],
+        password: Annotated[str, typer.Option(
+            prompt=True, hide_input=True, confirmation_prompt=True,
+            envvar="ATM_NEW_USER_PASSWORD", help="The new password (12 characters or more)")
+        ] = "") -> None:
+    """Set a user's password (and unlock the account)."""
+    from gateway.auth.people import UserError, set_password
+
+    db = _database()
+    try:
+        found = set_password(db, username, password)
+    except UserError as exc:
+        _fail(str(exc))
+    finally:
+        db.dispose()
+    if not found:
+        _fail(f"no user {username}")
+    typer.echo(f"password of {username} changed")
 
 
 @db_app.command("upgrade")

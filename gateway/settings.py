@@ -122,6 +122,15 @@ class Settings(BaseSettings):
     """Longest message the listener takes (a longer one is refused and the link closed)."""
     # -- end of the HL7 v2 bridge ------------------------------------------------------
 
+    # -- the dashboard (gateway/dashboard; README "Operations dashboard") ---------------
+    dashboard_session_hours: float = 8.0
+    """How long a dashboard sign-in lasts at most, however active (its token too)."""
+    dashboard_idle_minutes: float = 30.0
+    """A dashboard session left this long without a request ends."""
+    dashboard_refresh_seconds: float = 2.0
+    """How often the programme view's figures catch up with changes (and open pages are
+    told, to update without a reload)."""
+
     log_level: str = "INFO"
     log_json: bool = True
 

@@ -34,6 +34,7 @@ from orchestration.state import ROLE_ASSIGNMENT, parse_instant, task_run_key
 FHIR_JSON = "application/fhir+json"
 COLLECTION_STAGES = ("apheresis", "collection")  # where the patient's cells are taken
 FAILING_STAGE = "qc-release"
+OPEN = "open"  # the status of a journey the demo leaves under way
 NAMES = [("Durand", "Élodie"), ("Okafor", "Chidi"), ("Lindqvist", "Maja"),
          ("Tanaka", "Hiro"), ("Moreau", "Louis"), ("Silva", "Ana")]
 Say = Callable[[str], None]
@@ -62,6 +63,7 @@ class Journey:
     repeats: int = 0
     status: str = "active"
     booked: dict[str, tuple[datetime, str]] = field(default_factory=dict)  # stage -> when, where
+    stop_at: str | None = None  # a journey left open stops before this stage's Task
 
     def stage_times(self, tasks: list[dict[str, Any]], stage: str) -> datetime | None:
         ends = [parse_instant(t.get("executionPeriod", {}).get("end")) for t in tasks
@@ -222,6 +224,10 @@ class Demo:
             stage = journey.protocol.stages.get(_stage_of(task))
             if stage is None or stage.children or task["id"] in journey.done:
                 continue  # a stage with sub-stages is completed by the orchestrator
+            if stage.id == journey.stop_at:
+                journey.status = OPEN
+                self.say(f"{journey.label}: left open at {stage.title}, for the dashboard")
+                return True
             self._perform(journey, task)
             moved = True
         return moved
@@ -335,12 +341,21 @@ class Demo:
         return None
 
 
+def stop_stage(protocol: Protocol, number: int) -> str:
+    """Where an open journey stops: a different stage for each, past the first few."""
+    stages = [s.id for s in protocol.stages.values() if not s.children and s.role]
+    return stages[2 + number % max(1, len(stages) - 4)]
+
+
 def run_demo(base_url: str, patients: int, say: Say, *, timeout: float = 120.0,
-             db: Database | None = None, report: Path | None = None) -> list[str]:
+             db: Database | None = None, report: Path | None = None,
+             open_journeys: int = 0) -> list[str]:
     """Enrol `patients` across the server's protocols, play them through, and return the
     summary lines (the second patient's first QC release fails). `db` is the server's
     database, where the partners' clients (their token and signing keys) are registered.
-    `report`: where the custody report of one finished journey is written (HTML)."""
+    `report`: where the custody report of one finished journey is written (HTML).
+    `open_journeys` more patients are played only part of the way, each stopping at
+    another stage, so that the dashboard has journeys under way to show."""
     start = datetime.now(UTC).replace(microsecond=0)
     with httpx.Client(base_url=base_url.rstrip("/") + "/", timeout=30.0) as client:
         demo = Demo(client, Partners(client, base_url, db), say, timeout=timeout)
@@ -354,6 +369,11 @@ def run_demo(base_url: str, patients: int, say: Say, *, timeout: float = 120.0,
             can_fail = any(s == FAILING_STAGE for s in protocol.stages)
             journeys.append(demo.enrol(number, plan, protocol,
                                        fail_qc=can_fail and number == 1, start=start))
+        for number in range(patients, patients + open_journeys):
+            plan, protocol = available[number % len(available)]
+            journey = demo.enrol(number, plan, protocol, fail_qc=False, start=start)
+            journey.stop_at = stop_stage(protocol, number)
+            journeys.append(journey)
         demo.play(journeys)
         lines = demo.summary(journeys)
         written = demo.custody_report(journeys, report) if report is not None else None

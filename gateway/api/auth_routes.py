@@ -7,17 +7,16 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from gateway.api.fhir_app import client_address
-from gateway.api.http import base_url, header_dict
+from gateway.api.http import base_url, form_fields, header_dict
 from gateway.audit.events import RequestAudit
 from gateway.audit.log import AuditTrail
-from gateway.auth import tokens
+from gateway.auth import people, tokens
 from gateway.auth.clients import Client
 from gateway.auth.keys import JwksCache
 from gateway.auth.tokens import auth_urls
@@ -35,16 +34,6 @@ def _urls(request: Request) -> dict[str, str]:
 def _error(status: int, code: str, description: str | None = None) -> JSONResponse:
     body = {"error": code, **({"error_description": description} if description else {})}
     return JSONResponse(body, status, headers=NO_STORE)
-
-
-async def _form(request: Request) -> dict[str, str] | None:
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media != "application/x-www-form-urlencoded":
-        return None
-    try:
-        return dict(parse_qsl((await request.body()).decode("utf-8"), keep_blank_values=True))
-    except UnicodeDecodeError:
-        return None
 
 
 def _keys(request: Request) -> JwksCache:
@@ -101,7 +90,9 @@ async def smart_configuration(request: Request) -> JSONResponse:
     body: dict[str, Any] = {
         "token_endpoint": urls["token"], "introspection_endpoint": urls["introspect"],
         "revocation_endpoint": urls["revoke"],
-        "grant_types_supported": ["client_credentials"],
+        "grant_types_supported": ["client_credentials", "authorization_code"],
+        "authorization_endpoint": urls["authorize"],
+        "code_challenge_methods_supported": ["S256"],
         "token_endpoint_auth_methods_supported": ["private_key_jwt"],
         "token_endpoint_auth_signing_alg_values_supported": sorted(tokens.ALGORITHMS),
         "scopes_supported": SCOPES_SUPPORTED,
@@ -117,11 +108,14 @@ async def token(request: Request) -> JSONResponse:
 
 
 async def _token(request: Request, audit: RequestAudit | None) -> JSONResponse:
-    form = await _form(request)
+    form = await form_fields(request)
     if form is None:
         return _error(400, "invalid_request", "send application/x-www-form-urlencoded")
+    if form.get("grant_type") == "authorization_code":
+        return await _person_token(request, form, audit)
     if form.get("grant_type") != "client_credentials":
-        return _error(400, "unsupported_grant_type", "only client_credentials")
+        return _error(400, "unsupported_grant_type",
+                      "client_credentials, or authorization_code for people")
     client = await _authenticated(request, form, audit)
     if client is None:
         return _error(401, "invalid_client")
@@ -135,11 +129,42 @@ async def _token(request: Request, audit: RequestAudit | None) -> JSONResponse:
                         headers=NO_STORE)
 
 
+async def _person_token(request: Request, form: dict[str, str],
+                        audit: RequestAudit | None) -> JSONResponse:
+    """A signed-in person's code, redeemed by the public client it was issued to."""
+    client_id = form.get("client_id", "")
+    if audit is not None:
+        audit.identify(client_id[:64] or None, None)
+    if client_id not in people.PUBLIC_CLIENTS:
+        return _error(401, "invalid_client")
+    if not all(form.get(name) for name in ("code", "redirect_uri", "code_verifier")):
+        return _error(400, "invalid_request", "send code, redirect_uri and code_verifier")
+    try:
+        value, grant = await run_in_threadpool(
+            tokens.exchange_code, request.app.state.db, client_id=client_id,
+            code=form["code"], redirect_uri=form["redirect_uri"],
+            verifier=form["code_verifier"], now=int(time.time()),
+            seconds=session_seconds(request.app.state.settings))
+    except people.InvalidGrantError as exc:
+        tokens.log.info("authorization code refused: %s", exc)
+        return _error(400, "invalid_grant")
+    if audit is not None:
+        audit.identify(grant.client.client_id, grant.client.organization)
+    return JSONResponse({"access_token": value, "token_type": "bearer",
+                         "expires_in": grant.expires_at - int(time.time()),
+                         "scope": grant.scopes}, headers=NO_STORE)
+
+
+def session_seconds(settings: Any) -> int:
+    """A person's token lasts as long as a dashboard sign-in may."""
+    return int(settings.dashboard_session_hours * 3600)
+
+
 async def _token_and_caller(request: Request, audit: RequestAudit | None
                             ) -> tuple[str, Client] | JSONResponse:
     """The token a client asks about and the client itself (authenticated by its own
     assertion), or the error to answer."""
-    form = await _form(request)
+    form = await form_fields(request)
     if form is None or not form.get("token"):
         return _error(400, "invalid_request", "send the token, form-encoded")
     caller = await _authenticated(request, form, audit)

@@ -7,7 +7,9 @@ the FHIR endpoint needs no framework Request object per request.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qsl
 
+from starlette.requests import Request
 from starlette.types import Receive, Scope
 
 from gateway.errors import InvalidError, NotAcceptableError, TooLargeError
@@ -81,3 +83,15 @@ def base_url(settings: Settings, scope: Scope, headers: dict[str, str]) -> str:
 def _server(scope: Scope) -> str:
     server: Any = scope.get("server")
     return f"{server[0]}:{server[1]}" if server else "localhost"
+
+
+async def form_fields(request: Request) -> dict[str, str] | None:
+    """An HTML or OAuth2 form's fields (application/x-www-form-urlencoded), or None when
+    the body is not one."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/x-www-form-urlencoded":
+        return None
+    try:
+        return dict(parse_qsl((await request.body()).decode("utf-8"), keep_blank_values=True))
+    except UnicodeDecodeError:
+        return None

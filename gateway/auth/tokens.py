@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 
 from gateway.auth.clients import Client, client_from_row, get_client
 from gateway.auth.keys import JwksCache, KeyLookupError
+from gateway.auth.people import USER_SCOPES, User, redeem_code
 from gateway.auth.scopes import Scope, ScopeError, narrow, parse_scopes, render
 from gateway.store.database import Database
 from gateway.store.schema import oauth_jtis, oauth_tokens
@@ -69,7 +70,8 @@ def _parsed(scopes: str) -> tuple[Scope, ...]:
 def auth_urls(fhir_base: str) -> dict[str, str]:
     """The OAuth2 endpoints beside a FHIR base (…/fhir → …/auth/token)."""
     root = fhir_base[:-len("/fhir")] if fhir_base.endswith("/fhir") else fhir_base
-    return {name: f"{root}/auth/{name}" for name in ("token", "introspect", "revoke")}
+    return {name: f"{root}/auth/{name}"
+            for name in ("token", "introspect", "revoke", "authorize")}
 
 
 def _digest(token: str) -> str:
@@ -153,6 +155,8 @@ def authenticate(db: Database, keys: JwksCache, assertion_type: str | None,
     client = get_client(db, client_id) if isinstance(client_id, str) else None
     if client is None or client.disabled:
         raise InvalidClientError(f"client {client_id!r} is unknown or disabled")
+    if client.jwks is None and client.jwks_url is None:
+        raise InvalidClientError(f"client {client_id!r} is public: it has no keys")
     key = client_key(client, header, keys)
     try:
         jwt.decode(assertion, key, algorithms=[header["alg"]])
@@ -175,6 +179,38 @@ def _use_jti(db: Database, client_id: str, jti: str, exp: int, now: int) -> None
         raise InvalidClientError(f"jti {jti!r} was already used") from exc
 
 
+def issue_for_user(db: Database, client_id: str, user: User, now: int,
+                   seconds: int) -> tuple[str, Grant]:
+    """A person's access token (the authorization code grant), issued to the public
+    client they signed in through, acting with the user's role and organisation."""
+    token = secrets.token_urlsafe(32)
+    grant = Grant(user.principal(), USER_SCOPES, now + seconds)
+    with db.write() as conn:
+        conn.execute(oauth_tokens.insert().values(
+            token_hash=_digest(token), client_id=client_id, scopes=grant.scopes,
+            issued_at=now * _MICROS, expires_at=grant.expires_at * _MICROS, revoked=False,
+            username=user.username))
+    return token, grant
+
+
+def exchange_code(db: Database, *, client_id: str, code: str, redirect_uri: str,
+                  verifier: str, now: int, seconds: int) -> tuple[str, Grant]:
+    """The authorization code grant's token request (RFC 6749 §4.1.3, RFC 7636 §4.5):
+    a signed-in person's code, redeemed once with its PKCE verifier, for a token.
+    InvalidGrantError when the code does not hold."""
+    user = redeem_code(db, client_id=client_id, code=code, redirect_uri=redirect_uri,
+                       verifier=verifier, now=now)
+    return issue_for_user(db, client_id, user, now, seconds)
+
+
+def revoke_digest(db: Database, digest: str) -> None:
+    """Revoke a token known by its digest (a dashboard session's, at sign-out)."""
+    with db.write() as conn:
+        conn.execute(update(oauth_tokens).where(oauth_tokens.c.token_hash == digest)
+                     .values(revoked=True))
+    forget_grants()
+
+
 def issue(db: Database, client: Client, requested: str | None, now: int) -> tuple[str, Grant]:
     """A new access token: the requested scopes cut to the registration's (all of the
     registration's when none are asked for)."""
@@ -195,8 +231,10 @@ def issue(db: Database, client: Client, requested: str | None, now: int) -> tupl
 
 
 _GRANT_SQL = ("SELECT c.client_id, c.name, c.role, c.organization, c.jwks, c.jwks_url, "
-              "c.scopes, c.disabled, t.scopes, t.expires_at, t.revoked FROM oauth_tokens t "
-              "JOIN oauth_clients c ON c.client_id = t.client_id WHERE t.token_hash = {mark}")
+              "c.scopes, c.disabled, t.scopes, t.expires_at, t.revoked, u.username, "
+              "u.display_name, u.role, u.organization, u.disabled FROM oauth_tokens t "
+              "JOIN oauth_clients c ON c.client_id = t.client_id "
+              "LEFT JOIN users u ON u.username = t.username WHERE t.token_hash = {mark}")
 
 
 GRANT_SECONDS = 1.0
@@ -213,7 +251,12 @@ def active_grant(db: Database, token: str, now: int) -> Grant | None:
 
     Asked on every request: the answer read from the database (one primary-key join) is
     trusted for GRANT_SECONDS, which spares nearly every request the lookup."""
-    digest = _digest(token)
+    return grant_of(db, _digest(token), now)
+
+
+def grant_of(db: Database, digest: str, now: int) -> Grant | None:
+    """active_grant, for a token known by its digest (a dashboard session keeps only
+    that)."""
     remembered = _remembered.get(digest)
     if remembered is not None and remembered[0] > _clock():
         grant = remembered[1]
@@ -239,8 +282,12 @@ def _read_grant(db: Database, digest: str, now: int) -> Grant | None:
             row = conn.exec_driver_sql(_GRANT_SQL.format(mark="%s"), (digest,)).first()
     if row is None:
         return None
-    *registration, scopes, expires_at, revoked = row
+    registration, (scopes, expires_at, revoked, username, *person) = row[:8], row[8:]
     client = _registered(*registration)
+    if username is not None:  # a person's token: the user's role and organisation apply
+        if person[0] is None:  # the user is gone
+            return None
+        client = User(username, *person).principal()
     if revoked or expires_at <= now * _MICROS or client.disabled:
         return None
     return Grant(client, scopes, expires_at // _MICROS)

@@ -139,7 +139,7 @@ def _security(base_url: str, auth_on: bool) -> dict[str, Any]:
         "extension": [{
             "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
             "extension": [{"url": name, "valueUri": urls[name]}
-                          for name in ("token", "introspect", "revoke")]}]}
+                          for name in ("authorize", "token", "introspect", "revoke")]}]}
 
 
 @lru_cache(maxsize=8)

@@ -107,6 +107,54 @@ oauth_tokens = Table(
     Column("issued_at", BigInteger, nullable=False),
     Column("expires_at", BigInteger, nullable=False),
     Column("revoked", Boolean, nullable=False),
+    # A person's token (authorization code grant): the user it acts for, whose role and
+    # organisation bound what it reaches. None: the client's own (client credentials).
+    Column("username", String(ID), nullable=True),
+)
+
+# People who sign in to the dashboard (`atm users add`): a scrypt hash of the password,
+# never the password; a role and an organisation as for partner clients; failed sign-ins
+# counted, and the account locked for a while after too many.
+users = Table(
+    "users", metadata,
+    Column("username", String(ID), primary_key=True),
+    Column("display_name", String(TOKEN), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("organization", String(TOKEN), nullable=False),
+    Column("password_hash", Text, nullable=False),
+    Column("disabled", Boolean, nullable=False),
+    Column("failed_logins", Integer, nullable=False),
+    Column("locked_until", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+# Authorization codes, by the SHA-256 of their value: used once, within a minute, by the
+# client they were issued to, with the PKCE verifier of their challenge.
+oauth_codes = Table(
+    "oauth_codes", metadata,
+    Column("code_hash", String(64), primary_key=True),
+    Column("client_id", String(ID), nullable=False),
+    Column("username", String(ID), nullable=False),
+    Column("redirect_uri", Text, nullable=False),
+    Column("code_challenge", String(128), nullable=False),
+    Column("scopes", Text, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("used", Boolean, nullable=False),
+)
+
+# Dashboard sessions, by the SHA-256 of the cookie's value: the access token they act
+# with (its hash), the CSRF token of their forms, an idle and an absolute expiry, and the
+# message to show on the next page (after an action).
+dashboard_sessions = Table(
+    "dashboard_sessions", metadata,
+    Column("session_hash", String(64), primary_key=True),
+    Column("username", String(ID), nullable=False),
+    Column("token_hash", String(64), nullable=False),
+    Column("csrf", String(64), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("last_seen", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("flash", Text, nullable=True),
 )
 
 # The audit trail: one row per request (IHE BALP AuditEvent, rendered from these columns).

@@ -67,12 +67,15 @@ def test_discovery_in_both_places_clients_look(client: TestClient, settings: Any
     assert body["token_endpoint_auth_methods_supported"] == ["private_key_jwt"]
     assert body["token_endpoint_auth_signing_alg_values_supported"] == ["ES384", "RS384"]
     assert "client-confidential-asymmetric" in body["capabilities"]
+    assert body["authorization_endpoint"] == "http://testserver/auth/authorize"
+    assert body["code_challenge_methods_supported"] == ["S256"]
     with client_with(settings, auth="smart") as guarded:
         security = guarded.get("/fhir/metadata").json()["rest"][0]["security"]
     [uris] = security["extension"]
     assert {e["url"]: e["valueUri"] for e in uris["extension"]} == {
         "token": TOKEN_URL, "introspect": "http://testserver/auth/introspect",
-        "revoke": "http://testserver/auth/revoke"}
+        "revoke": "http://testserver/auth/revoke",
+        "authorize": "http://testserver/auth/authorize"}
 
 
 @pytest.mark.parametrize(("key", "alg"), [(RSA, "RS384"), (EC, "ES384")])
