@@ -70,9 +70,9 @@ SCENARIOS = [
     Scenario(FIND_CHAIN, "$find-chain 6x3 sites", "GET", max_connections=1),
 ]
 SCENARIO_BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
-JOURNEYS, NOTIFICATIONS = "journeys", "notifications"
-"""The parts of a run besides SCENARIOS, by their --only names (both run after them)."""
-PARTS = [*SCENARIO_BY_NAME, JOURNEYS, NOTIFICATIONS]
+JOURNEYS, NOTIFICATIONS, DASHBOARD = "journeys", "notifications", "dashboard"
+"""The parts of a run besides SCENARIOS, by their --only names (all run after them)."""
+PARTS = [*SCENARIO_BY_NAME, JOURNEYS, NOTIFICATIONS, DASHBOARD]
 # Targets for SQLite on one worker: share of the bare FastAPI endpoint's req/s, and search
 # latency at 100k Tasks.
 MIN_RATIO = {"create": 0.20, "read": 0.50}
@@ -106,6 +106,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--notify-filter", action="store_true",
                         help="subscribe with a filter (Task?owner=…), as partners would; the "
                              "server then tests it on every Task change per Subscription")
+    parser.add_argument("--dashboard-journeys", type=int,
+                        help="running journeys on the dashboard's own fresh database "
+                             "(default 5000; --quick: 50)")
     parser.add_argument("--chain-days", type=int,
                         help="days of 30-minute slots per Schedule for find-chain "
                              f"(default {FIND_CHAIN_DAYS}; --quick: 1)")
@@ -124,6 +127,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.enrolments = args.enrolments or (50 if args.quick else 1000)
     args.notify_events = args.notify_events or (200 if args.quick else 2000)
     args.chain_days = args.chain_days or (1 if args.quick else FIND_CHAIN_DAYS)
+    args.dashboard_journeys = args.dashboard_journeys or (50 if args.quick else 5000)
     args.only = args.only or list(PARTS)
     if args.backend is None:
         args.backend = "postgres" if args.postgres_url else "sqlite"
@@ -244,6 +248,60 @@ def run_notifications(port: int, args: argparse.Namespace, cpu: int | None, work
                           capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"the notifications scenario failed:\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def run_dashboard(args: argparse.Namespace, cpus: tuple[int | None, int | None],
+                  workdir: Path) -> dict[str, Any]:
+    """The programme view on a fresh database of its own: `--dashboard-journeys` running
+    journeys and a tenth as many finished ones, loaded and measured in-process
+    (bench.dashboard); then the page as a signed-in person gets it from an `atm serve` of
+    its own on that database (bench.dashboard_http), under `http`."""
+    (workdir / "dashboard").mkdir()
+    database = FreshDatabase(args.backend, args.postgres_url, workdir / "dashboard")
+    try:
+        result = _run_json("bench.dashboard", workdir / "spec-dashboard.json", {
+            "database_url": database.url, "journeys": args.dashboard_journeys,
+            "completed": args.dashboard_journeys // 10, "cpu": cpus[1]})
+        result["http"] = dashboard_over_http(args, database, cpus, workdir / "dashboard")
+    finally:
+        database.drop()
+    return result
+
+
+def dashboard_over_http(args: argparse.Namespace, database: FreshDatabase,
+                        cpus: tuple[int | None, int | None], workdir: Path) -> dict[str, Any]:
+    """`atm serve` on the dashboard's database, as deployed (authentication on) but with
+    the orchestrator off: it would otherwise catch up with 5,000 journeys loaded behind
+    its back, in the same process, while the page is measured."""
+    port = free_port()
+    env = {**os.environ, "ATM_DATABASE_URL": database.url, "ATM_AUTH": "smart",
+           "ATM_RATE_LIMIT_PER_SECOND": "0", "ATM_ORCHESTRATOR": "false",
+           "ATM_BASE_URL": f"http://127.0.0.1:{port}/fhir"}
+    server = Server("dashboard-gateway", [sys.executable, "-m", "gateway.cli", "serve",
+                                          "--host", "127.0.0.1", "--port", str(port)],
+                    port, workdir, env, "/healthz", cpus[0])
+    try:
+        client = BenchClient(database.url, port)
+        return _run_json("bench.dashboard_http", workdir / "spec-dashboard-http.json", {
+            "base_url": f"http://127.0.0.1:{port}", "database_url": database.url,
+            "centre": "Organization/centre-0", "credentials": client.credentials.to_json(),
+            "calls": 10 if args.quick else 100, "cpu": cpus[1]})
+    except Exception:
+        sys.stderr.write(f"--- {server.name} log ---\n{server.tail()}\n")
+        raise
+    finally:
+        server.stop()
+
+
+def _run_json(module: str, path: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run `python -m module SPEC.json` (written from `spec`); the JSON it prints."""
+    path.write_text(json.dumps(spec))
+    done = subprocess.run([sys.executable, "-m", module, str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"{module} failed:\n{done.stderr}")
     result: dict[str, Any] = json.loads(done.stdout)
     return result
 
@@ -464,6 +522,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if NOTIFICATIONS in args.only:
             measured["notifications"] = run_notifications(gateway_port, args, client_cpu,
                                                            workdir, client)
+        if DASHBOARD in args.only:
+            measured["dashboard"] = run_dashboard(args, (server_cpu, client_cpu), workdir)
         return measured
     except Exception:
         for server in servers:
@@ -544,6 +604,10 @@ def table(report: dict[str, Any]) -> str:
         tail.append(journeys_line(report))
     if "notifications" in report:
         tail.append(notifications_line(report))
+    if "dashboard" in report:
+        from bench import dashboard
+
+        tail.append(dashboard.line(report["dashboard"]))
     return "\n".join([*lines, *(["", *tail] if tail else [])])
 
 

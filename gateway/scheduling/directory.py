@@ -118,15 +118,7 @@ def _quotas(ctx: Context, repo: Repository, services: dict[str, Service], centre
     quotas = []
     for version in found.values():
         reference = f"HealthcareService/{version.id}"
-        for extension in version.resource().get("extension", []):
-            if extension.get("url") != QUOTA:
-                continue
-            parts = {e.get("url"): e for e in extension.get("extension", [])}
-            period = parts.get("period", {}).get("valueCode")
-            limit = parts.get("limit", {}).get("valueUnsignedInt")
-            owner = parts.get("organization", {}).get("valueReference", {}).get("reference")
-            if period not in QUOTA_PERIODS or not isinstance(limit, int):
-                continue  # refused on write (check_quotas); never stored
+        for period, limit, owner in quota_terms(version.resource()):
             if owner is not None and owner != centre:
                 continue
             quotas.append(Quota(frozenset({reference}), period, limit,
@@ -134,6 +126,22 @@ def _quotas(ctx: Context, repo: Repository, services: dict[str, Service], centre
                                 f"{version.resource().get('name') or reference}: {limit} "
                                 f"per {period}" + (f" for {owner}" if owner else "")))
     return quotas
+
+
+def quota_terms(service: dict[str, Any]) -> list[tuple[str, int, str | None]]:
+    """(period, limit, treatment centre or None) of each booking-quota a service carries
+    (a malformed one is refused on write by check_quotas, so never stored)."""
+    found = []
+    for extension in service.get("extension", []):
+        if extension.get("url") != QUOTA:
+            continue
+        parts = {e.get("url"): e for e in extension.get("extension", [])}
+        period = parts.get("period", {}).get("valueCode")
+        limit = parts.get("limit", {}).get("valueUnsignedInt")
+        owner = parts.get("organization", {}).get("valueReference", {}).get("reference")
+        if period in QUOTA_PERIODS and isinstance(limit, int):
+            found.append((period, limit, owner))
+    return found
 
 
 def _used(repo: Repository, service: str, period: str, owner: str | None,
