@@ -14,9 +14,18 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp
 
 from gateway import __version__, fhir
-from gateway.api import auth_routes, errors, fhir_routes, observability, ops, subscription_ws
+from gateway.api import (
+    auth_routes,
+    errors,
+    fhir_routes,
+    observability,
+    ops,
+    signin_routes,
+    subscription_ws,
+)
 from gateway.api.fhir_app import FhirEndpoint
 from gateway.audit.log import running_trail
+from gateway.dashboard import routes as dashboard_routes
 from gateway.services.capability import AUTH_OFF_WARNING
 from gateway.settings import Settings, get_settings
 from gateway.store.database import Database, make_engine
@@ -61,10 +70,12 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
             _load_shipped(db, settings, "SubscriptionTopic", load_shipped_topics)
         if settings.load_protocols:
             _load_shipped(db, settings, "protocol PlanDefinition", load_shipped)
+        dashboard_routes.warm_up(app)
         with running_trail(db) as app.state.audit, running_beside(db, settings), \
                 worker.running_beside(db, settings), ehr_sync.running_beside(db, settings), \
                 hl7_bridge.running_beside(db, settings):
             yield
+            dashboard_routes.stop(app)
         observability.ACCESS_LOG.flush()
         db.dispose()
 
@@ -77,6 +88,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
     app.state.settings = settings
     errors.install(app)
     app.include_router(auth_routes.router)  # before /fhir/{type}/{id} can claim .well-known
+    app.include_router(signin_routes.router)
+    dashboard_routes.install(app)
     fhir_routes.register(app)
     app.include_router(ops.router)
     app.include_router(subscription_ws.router)  # /fhir/$subscription-ws

@@ -66,6 +66,7 @@ ROLE_INSTANCES: dict[str, dict[str, list[tuple[str, str]]]] = {
         "CarePlan": [("subject:Patient.organization", ORG)],
         "ServiceRequest": [("subject:Patient.organization", ORG)],
         "Task": [("patient.organization", ORG)],
+        "Flag": [("patient.organization", ORG)],
         "AuditEvent": SIGNED, "Subscription": SUBSCRIBED},
     "apheresis-centre": {
         "Task": OWNED_TASKS, "Appointment": AT_OWN_SERVICE,
