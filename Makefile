@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: run test test-fast bench lint typecheck openapi clean
+.PHONY: run test test-fast bench lint typecheck openapi clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +18,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 run: $(STAMP)
 	$(BIN)/atm serve --host $${ATM_HOST:-127.0.0.1} --port $${ATM_PORT:-8080}
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Debian's Chromium for tests/browser (a no-op when installed; ATM_SKIP_BROWSER_INSTALL=1 skips).
+browser:
+	@sh tools/ensure_chromium.sh $(CHROMIUM)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway mappings orchestration tests bench tools
