@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -155,7 +156,7 @@ def sign_in(db: Database, username: str, password: str, now: int) -> User | None
     with db.write() as conn:
         row = conn.execute(select(users).where(users.c.username == username)).first()
         if row is None:
-            password_matches(password, _DUMMY_HASH)  # as slow as a known name's check
+            password_matches(password, _dummy_hash())  # as slow as a known name's check
             return None
         if row.disabled or row.locked_until > now * _MICROS:
             return None
@@ -171,7 +172,10 @@ def sign_in(db: Database, username: str, password: str, now: int) -> User | None
     return None
 
 
-_DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
+@cache
+def _dummy_hash() -> str:
+    """A hash to check unknown names against (made on first use: scrypt takes ~60 ms)."""
+    return hash_password(secrets.token_urlsafe(16))
 
 
 # -- the authorization code grant --------------------------------------------------------
