@@ -51,6 +51,12 @@ def condition_holds(expression: str, careplan: dict[str, Any],
         raise ConditionError(f"{type(exc).__name__}: {exc}") from exc
 
 
+def marked_overdue(task: dict[str, Any]) -> bool:
+    """The orchestrator has marked this Task overdue (its businessStatus)."""
+    codes = task.get("businessStatus", {}).get("coding", [])
+    return any(c.get("system") == BUSINESS_STATUS and c.get("code") == OVERDUE for c in codes)
+
+
 def version_reference(resource: dict[str, Any] | None) -> str | None:
     """"Type/id/_history/n" of a stored resource (the entity a Provenance names)."""
     if not resource or "id" not in resource:
@@ -268,9 +274,7 @@ class _Evaluation:
         end = parse_instant(run.period.get("end"))
         if "resourceType" not in task or end is None or end >= self.now:
             return False
-        codes = task.get("businessStatus", {}).get("coding", [])
-        return not any(c.get("system") == BUSINESS_STATUS and c.get("code") == OVERDUE
-                       for c in codes)
+        return not marked_overdue(task)
 
     def _last_finished(self) -> str | None:
         finished = [r for r in self.runs.values() if r.task and "resourceType" in r.task]

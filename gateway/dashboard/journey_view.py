@@ -14,9 +14,10 @@ from typing import Any
 from gateway.custody import report as custody
 from gateway.custody.model import CustodyReport
 from gateway.dashboard.calls import Caller
+from gateway.dashboard.journeys import patient_label, reference
 from gateway.errors import FhirError
 from gateway.services.context import Context
-from orchestration.engine import BUSINESS_STATUS, OVERDUE
+from orchestration.engine import marked_overdue
 from orchestration.protocol import ProtocolFormError, from_plan_definition
 from orchestration.state import ACTIVE, parse_instant, task_run_key
 
@@ -114,28 +115,14 @@ class JourneyView:
     organizations: tuple[tuple[str, str], ...]  # whom a Task may be reassigned to
 
 
-def _reference(value: Any) -> str | None:
-    return value.get("reference") if isinstance(value, dict) else None
-
-
 def _period(value: Any) -> tuple[datetime | None, datetime | None]:
     period = value if isinstance(value, dict) else {}
     return parse_instant(period.get("start")), parse_instant(period.get("end"))
 
 
-def _is_overdue(task: dict[str, Any]) -> bool:
-    return task.get("status") in ACTIVE and any(
-        c.get("system") == BUSINESS_STATUS and c.get("code") == OVERDUE
-        for c in task.get("businessStatus", {}).get("coding", []))
-
-
-def _patient_label(patient: dict[str, Any] | None, reference: str | None) -> str:
-    for name in (patient or {}).get("name", []):
-        given = " ".join(name.get("given", []))
-        text = name.get("text") or " ".join(p for p in (given, name.get("family", "")) if p)
-        if text:
-            return text
-    return reference or "unknown patient"
+def _named(label: str, subject: str | None) -> str:
+    """The patient's name, else the reference (a patient read without a name)."""
+    return label if label != "—" else subject or "unknown patient"
 
 
 async def _maybe(call: Caller, resource_type: str,
@@ -179,13 +166,14 @@ def _stage_rows(order: list[tuple[str, str]], tasks: list[dict[str, Any]],
     rows = []
     for stage, title in titles.items():
         run, task = latest.get(stage, (0, {}))
-        owner = _reference(task.get("owner"))
+        owner = reference(task.get("owner"))
         planned_start, deadline = _period(task.get("restriction", {}).get("period"))
         started, finished = _period(task.get("executionPeriod"))
+        open_ = task.get("status") in ACTIVE
         rows.append(StageRow(
             stage, title, task.get("id"), task.get("status", "not started"), owner,
             names.get(owner or "") or owner, planned_start, deadline, started,
-            finished if task.get("status") not in ACTIVE else None, _is_overdue(task), run))
+            None if open_ else finished, open_ and marked_overdue(task), run))
     return rows
 
 
@@ -229,7 +217,7 @@ def timeline(rows: list[StageRow], now: datetime) -> Timeline | None:
 def _appointment(resource: dict[str, Any], names: dict[str, str]) -> Appointment:
     where = next((names.get(r) or p.get("actor", {}).get("display") or r
                   for p in resource.get("participant", [])
-                  if (r := _reference(p.get("actor"))) and r.startswith("HealthcareService/")),
+                  if (r := reference(p.get("actor"))) and r.startswith("HealthcareService/")),
                  "")
     description = (resource.get("description")
                    or next((c.get("text") for c in resource.get("serviceType", [])), None)
@@ -267,7 +255,7 @@ def _custody(call_context: Context, careplan_id: str) -> CustodyReport | None:
 async def load(call: Caller, careplan_id: str, now: datetime) -> JourneyView:
     """The journey of one CarePlan; NotFoundError when the person may not see it."""
     careplan = await call.json("GET", f"CarePlan/{careplan_id}")
-    subject = _reference(careplan.get("subject"))
+    subject = reference(careplan.get("subject"))
     tasks = await call.search("Task", [("based-on", f"CarePlan/{careplan_id}"),
                                        ("_count", str(MAX_TASKS))])
     order, therapy, books = await _protocol_stages(call, careplan)
@@ -281,8 +269,8 @@ async def load(call: Caller, careplan_id: str, now: datetime) -> JourneyView:
              if f.get("status") == "active"] if subject else []
     organizations = await _maybe(call, "Organization", [("_count", "200"), ("_sort", "name")])
     services = {r for a in appointments for p in a.get("participant", [])
-                if (r := _reference(p.get("actor")))}
-    owners = {r for t in tasks if (r := _reference(t.get("owner")))}
+                if (r := reference(p.get("actor")))}
+    owners = {r for t in tasks if (r := reference(t.get("owner")))}
     names = {f"Organization/{o['id']}": o.get("name") or o["id"] for o in organizations}
     names.update(await _names(call, (services | owners) - set(names)))
     rows = _stage_rows(order, tasks, careplan_id, names)
@@ -295,7 +283,8 @@ async def load(call: Caller, careplan_id: str, now: datetime) -> JourneyView:
     coi = report.coi if report else None
     return JourneyView(
         careplan_id, careplan.get("title") or therapy, therapy, careplan.get("status", ""),
-        _patient_label(patient, subject), coi, tuple(rows), timeline(rows, now),
+        _named(patient_label(patient), subject), coi,
+        tuple(rows), timeline(rows, now),
         tuple(_appointment(a, names) for a in appointments),
         tuple(_escalation(f) for f in flags
               if not any(e.get("url") == ACKNOWLEDGED for e in f.get("extension", []))),

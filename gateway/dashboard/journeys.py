@@ -12,7 +12,7 @@ from typing import Any
 from gateway.auth.redaction import BLIND_ROLES
 from gateway.custody.coi import coi_of
 from orchestration.demo import COLLECTION_STAGES
-from orchestration.engine import BUSINESS_STATUS, OVERDUE
+from orchestration.engine import marked_overdue
 from orchestration.protocol import EXT, ProtocolFormError, from_plan_definition
 from orchestration.state import Run, plan_state
 
@@ -251,12 +251,7 @@ def _stage_run(run: Run, therapy: Therapy | None) -> StageRun:
         planned_end=instant(planned.get("end")), started_at=instant(executed.get("start")),
         ended_at=instant(executed.get("end")) or run.finished_at,
         owner=reference(task.get("owner")), task_id=task.get("id"),
-        overdue=run.outcome == "active" and _marked_overdue(task))
-
-
-def _marked_overdue(task: dict[str, Any]) -> bool:
-    codes = task.get("businessStatus", {}).get("coding", [])
-    return any(c.get("system") == BUSINESS_STATUS and c.get("code") == OVERDUE for c in codes)
+        overdue=run.outcome == "active" and marked_overdue(task))
 
 
 def _overdue(stages: tuple[StageRun, ...], catalogue: Catalogue) -> Iterable[OverdueTask]:
