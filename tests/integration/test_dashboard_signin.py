@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from gateway.auth import people
+from gateway.auth.clients import get_client
 from gateway.settings import Settings
 from gateway.store.database import Database
 from tests.conftest import client_with
@@ -23,6 +24,7 @@ from tests.integration.dashboard_support import (
     sign_in_form,
     submit,
 )
+from tests.integration.test_auth_tokens import assertion, token_request
 
 CALLBACK = "http://testserver/dashboard/callback"
 FHIR = {"content-type": "application/fhir+json"}
@@ -110,10 +112,14 @@ def test_foreign_redirects_and_unknown_clients_are_never_followed(
         assert answer.status_code == 400 and "location" not in answer.headers
 
 
-def test_the_public_client_cannot_use_client_credentials(client: TestClient) -> None:
-    answer = client.post("/auth/token", data={"grant_type": "client_credentials",
-                                               "client_id": people.DASHBOARD_CLIENT})
-    assert answer.status_code == 401
+def test_the_public_client_cannot_use_client_credentials(client: TestClient,
+                                                         db: Database) -> None:
+    """Even with a well-formed signed assertion in its name: it has no keys to check."""
+    people.ensure_client(db, people.DASHBOARD_CLIENT, int(time.time()))
+    dashboard = get_client(db, people.DASHBOARD_CLIENT)
+    assert dashboard is not None
+    answer = token_request(client, assertion(dashboard))
+    assert answer.status_code == 401 and answer.json()["error"] == "invalid_client"
 
 
 def test_a_persons_token_acts_with_their_role_and_organisation(
