@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 run: $(STAMP)
 	$(BIN)/atm serve --host $${ATM_HOST:-127.0.0.1} --port $${ATM_PORT:-8080}
 
+# Two test processes (pytest-xdist), one per core: most tests wait on a database, a server
+# or a subprocess for part of their time. Compiling first spares each `atm` process the
+# tests start from compiling the project again where PYTHONDONTWRITEBYTECODE is set.
+TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	@$(BIN)/python -m compileall -q gateway mappings orchestration bench
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # Debian's Chromium for tests/browser (a no-op when installed; ATM_SKIP_BROWSER_INSTALL=1 skips).
 browser:

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,17 @@ SLOW_TESTS = os.environ.get("ATM_SLOW_TESTS") == "1"
 """Soak and scale tests (marked slow) run at full size; otherwise at a bounded size that
 still proves the point, so that `make test` stays within 10 minutes on 2 cores."""
 
+
+
+@cache
+def _environment_settings() -> Settings:
+    return Settings()
+
+
+def settings_with(**values: Any) -> Settings:
+    """Settings as the environment gives them, with these values: the environment is read
+    once per session (pydantic-settings takes ~20 ms to read it, which every test paid)."""
+    return _environment_settings().model_copy(update=values)
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     slow = ("slow tests: full size (ATM_SLOW_TESTS=1)" if SLOW_TESTS else
@@ -140,10 +152,10 @@ def settings(database_url: str) -> Settings:
     # are started by the tests that use them.
     # Most tests exercise FHIR behaviour, not access: authentication is off unless a test
     # turns it on (client_with(settings, auth="smart")).
-    return Settings(database_url=database_url, base_url="http://testserver/fhir",
-                    max_body_bytes=1_000_000, log_json=False, orchestrator=False,
-                    load_protocols=False, subscriptions=False, load_topics=False,
-                    ehr_sync=False, auth="off")
+    return settings_with(database_url=database_url, base_url="http://testserver/fhir",
+                         max_body_bytes=1_000_000, log_json=False, orchestrator=False,
+                         load_protocols=False, subscriptions=False, load_topics=False,
+                         ehr_sync=False, auth="off")
 
 
 @pytest.fixture
@@ -189,10 +201,10 @@ def running_server(database_url: str, port: int | None = None,
     its FHIR base URL."""
     port = port or free_port()
     base = f"http://127.0.0.1:{port}/fhir"
-    settings = Settings(database_url=database_url, base_url=base, log_json=False,
-                        **{"orchestrator": False, "load_protocols": False, "auth": "off",
-                           "subscriptions": False, "load_topics": False,
-                           "ehr_sync": False, **overrides})
+    settings = settings_with(database_url=database_url, base_url=base, log_json=False,
+                             **{"orchestrator": False, "load_protocols": False, "auth": "off",
+                                "subscriptions": False, "load_topics": False,
+                                "ehr_sync": False, **overrides})
     config = uvicorn.Config(create_app(settings, migrate=False), host="127.0.0.1", port=port,
                             log_level="warning", loop="asyncio", lifespan="on")
     server = uvicorn.Server(config)

@@ -13,6 +13,10 @@ import pytest
 from tests.browser import a11y
 from tests.browser.conftest import AtmServer, DemoData
 
+# One worker of `pytest -n` (make test) runs every browser test: they share one server
+# and its demo data (package fixtures), which a second worker would build again.
+pytestmark = pytest.mark.xdist_group("browser")
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 GOOD_PAGE = """<!doctype html>

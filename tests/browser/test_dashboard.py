@@ -16,6 +16,10 @@ import pytest
 from tests.browser import a11y
 from tests.browser.conftest import AtmServer, DemoData
 
+# One worker of `pytest -n` (make test) runs every browser test: they share one server
+# and its demo data (package fixtures), which a second worker would build again.
+pytestmark = pytest.mark.xdist_group("browser")
+
 PASSWORD = "correct horse battery staple"
 CENTRE = "Organization/atm-demo-treatment-centre"  # where the demo's patients are treated
 USERS = {"coordinator": ("treatment-centre", CENTRE, "Camille Coordinator"),
