@@ -161,8 +161,9 @@ def test_writes_on_the_event_loop_share_a_commit_and_fail_alone(
 
 
 def test_a_write_on_the_loop_waits_its_turn_behind_a_threaded_writer(db: Database) -> None:
-    """While a thread holds the connection the loop does not block on it: the write goes
-    to the thread pool and queues like any other."""
+    """While a thread holds the connection the loop does not block on it, and the write
+    still runs on the loop once the thread is done (not moved to the thread pool, where
+    writes under load would stay, each taking turns with the others)."""
     _sqlite_only(db)
     holding, release = threading.Event(), threading.Event()
 
@@ -176,8 +177,10 @@ def test_a_write_on_the_loop_waits_its_turn_behind_a_threaded_writer(db: Databas
     thread.start()
     assert holding.wait(timeout=10)
 
+    threads: list[int] = []
+
     async def scenario() -> str:
-        pending = asyncio.ensure_future(db.write_on_loop(_create(), db))
+        pending = asyncio.ensure_future(db.write_on_loop(_create(threads), db))
         await asyncio.sleep(0.05)
         assert not pending.done()  # queued behind the thread, the loop still turning
         release.set()
@@ -185,6 +188,7 @@ def test_a_write_on_the_loop_waits_its_turn_behind_a_threaded_writer(db: Databas
 
     created = asyncio.run(scenario())
     thread.join(timeout=10)
+    assert threads == [threading.get_ident()]  # it ran on the event loop's thread
     with db.read() as conn:
         assert Repository(conn).read("Task", created) is not None
     assert _count(db) == 2
