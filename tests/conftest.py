@@ -33,7 +33,6 @@ SLOW_TESTS = os.environ.get("ATM_SLOW_TESTS") == "1"
 still proves the point, so that `make test` stays within 10 minutes on 2 cores."""
 
 
-
 @cache
 def _environment_settings() -> Settings:
     return Settings()
@@ -43,6 +42,7 @@ def settings_with(**values: Any) -> Settings:
     """Settings as the environment gives them, with these values: the environment is read
     once per session (pydantic-settings takes ~20 ms to read it, which every test paid)."""
     return _environment_settings().model_copy(update=values)
+
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     slow = ("slow tests: full size (ATM_SLOW_TESTS=1)" if SLOW_TESTS else
