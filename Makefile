@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: run test test-fast bench lint typecheck openapi clean browser
+.PHONY: run test bench lint openapi clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
