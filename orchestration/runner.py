@@ -30,9 +30,10 @@ from gateway.services.context import Context
 from gateway.services.protocols import plan_definition_id, protocol_from_store
 from gateway.services.search import match_ids
 from gateway.settings import Settings
-from gateway.store.database import Database, safe_position
+from gateway.store.database import BUSY_ROUND_GAP_SECONDS, Database, safe_position
+from gateway.store.driver import changes_after
 from gateway.store.repository import Actor, Repository
-from gateway.store.schema import change_log, reactor_cursors
+from gateway.store.schema import reactor_cursors
 from orchestration import writes
 from orchestration.applier import Writer, versioned, write
 from orchestration.effects import Effect
@@ -46,10 +47,6 @@ ACTOR = Actor(name="orchestrator")
 CURSOR = "orchestrator"
 ASSIGNS_COI = "chain-of-identity"  # a stage whose completion assigns the enrolment's code
 CURSOR_SAVE_SECONDS = 1.0
-ROUND_GAP_SECONDS = 0.01
-"""After a round that found changes, the next ones are left to gather this long: under
-a write-heavy load the orchestrator reads them in batches instead of once per commit,
-while a lone change, after an idle spell, is taken at once."""
 Clock = Callable[[], datetime]
 
 
@@ -91,11 +88,7 @@ class Orchestrator:
             self._position = self._cursor()
         cursor = self._position
         with self.db.read() as conn:
-            rows = list(conn.execute(
-                select(change_log.c.seq, change_log.c.res_type, change_log.c.res_id,
-                       change_log.c.interaction, change_log.c.actor, change_log.c.at)
-                .where(change_log.c.seq > cursor).order_by(change_log.c.seq)
-                .limit(self.batch)).all())
+            rows = changes_after(conn, cursor, self.batch)
         if not rows:
             return 0
         touched = self._enrolments_touched([r for r in rows if _may_move_a_plan(r)])
@@ -298,10 +291,10 @@ class Orchestrator:
                 log.exception("orchestrator round failed; retrying")
                 consumed = 0
                 stop.wait(poll)
-            if consumed == 0:
-                committed.wait(poll)  # idle: the next commit starts a round at once
-            elif consumed < self.batch:
-                stop.wait(ROUND_GAP_SECONDS)  # busy: let the next changes gather
+            if 1 < consumed < self.batch:
+                stop.wait(BUSY_ROUND_GAP_SECONDS)  # busy: let the next changes gather
+            if consumed < self.batch:
+                committed.wait(poll)  # the next commit starts a round at once
 
     def ensure_device(self) -> None:
         """The Device every orchestrator Provenance names as its agent (written once,

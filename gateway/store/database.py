@@ -137,6 +137,14 @@ def gap_cutoff(conn: Connection) -> int:
     return now if oldest is None else int(oldest) - CLOCK_MARGIN_MICROS
 
 
+BUSY_ROUND_GAP_SECONDS = 0.05
+"""How long a reactor to the change log (the orchestrator, subscription matching) lets
+changes gather after a round that found several: under a write-heavy load a round then
+reads dozens of changes instead of one commit's, and a round costs about as much as
+twenty changes in it. A round that found one change (writes one at a time) is followed
+by the next commit's at once."""
+
+
 class CommitSignal:
     """Set after each commit that asked to notify: wakes every reactor that listens
     (the orchestrator, subscription matching), each through an Event of its own."""

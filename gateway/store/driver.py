@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Table
 from sqlalchemy.exc import DBAPIError
@@ -54,6 +54,8 @@ class Statements:
     """target_id of some resources' reference parameter (`{ids}`: their placeholders),
     through the per-resource index (SQLite without statistics would otherwise scan the
     parameter's whole range)."""
+    changes_after: str
+    """The change log after a seq, in order, at most a limit (the columns of Change)."""
 
 
 @cache
@@ -83,8 +85,31 @@ def statements(dialect: str) -> Statements:
             + (" INDEXED BY ix_sp_reference_resource" if dialect == "sqlite" else "")
             + f" WHERE res_type = {m} AND res_id IN ({{ids}}) AND param = {m}"
             + f" AND target_type = {m}"),
+        changes_after=(f"SELECT {', '.join(Change._fields)} FROM change_log WHERE seq > {m} "
+                       f"ORDER BY seq LIMIT {m}"),
         mark=m,
     )
+
+
+class Change(NamedTuple):
+    """A change-log row, as the reactors to the change log read it."""
+
+    seq: int
+    res_type: str
+    res_id: str
+    version: int
+    interaction: str
+    at: int
+    actor: str | None
+    request_id: str | None
+
+
+def changes_after(conn: Connection, after: int, limit: int) -> list[Change]:
+    """The changes after seq `after`, oldest first, at most `limit`. Reactors read them
+    after every commit; through SQLAlchemy's select each reading cost them ~100 µs more."""
+    driver = Driver(conn)
+    rows = driver.execute(driver.sql.changes_after, (after, limit)).fetchall()
+    return [Change._make(row) for row in rows]
 
 
 class Driver:

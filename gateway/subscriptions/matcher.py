@@ -26,6 +26,7 @@ from gateway.errors import FhirError
 from gateway.services.context import Context
 from gateway.settings import Settings
 from gateway.store.database import Database, gap_cutoff, safe_position
+from gateway.store.driver import changes_after
 from gateway.store.repository import Actor, Repository
 from gateway.store.schema import change_log, reactor_cursors, subscription_events, subscriptions
 from gateway.store.timeparse import now_micros
@@ -39,6 +40,10 @@ log = logging.getLogger("atm.subscriptions")
 CURSOR = "subscriptions"
 ACTOR = Actor(name="subscriptions")  # the server's own writes of Subscription statuses
 CURSOR_SAVE_SECONDS = 1.0
+LIVE_READ_SECONDS = 1.0
+"""How long the live Subscriptions read for one round serve the next rounds, when no
+Subscription or SubscriptionTopic changed in between (see Matcher._live_for)."""
+FOLLOWED_TYPES = ("Subscription", "SubscriptionTopic")
 LIVE = ("requested", "active", "error")
 FOLLOWED = ("version", "topic", "channel", "status", "handshake", "failures", "next_attempt",
             "last_error")
@@ -66,6 +71,9 @@ class Matcher:
         self._position: int | None = None  # how far this process has matched
         self._stored = 0  # the cursor as this process last read or stored it
         self._saved_at = 0.0
+        # The live Subscriptions as last read (row, spec, topic), and when.
+        self._live_read: dict[str, tuple[dict[str, Any], Spec | None, Topic | None]] | None = None
+        self._live_read_at = 0.0
 
     def close(self) -> None:
         self._scratch.close()
@@ -75,12 +83,11 @@ class Matcher:
         """Match the changes after the cursor: (changes read, events made)."""
         if self._position is None:
             self._position = self._stored = self._cursor()
+            self._live_read = None  # changes before the new cursor went unseen here
         cursor = self._position
         with self.db.read() as conn:
             cutoff = gap_cutoff(conn)  # before the read: see gap_cutoff
-            rows = list(conn.execute(
-                select(change_log).where(change_log.c.seq > cursor)
-                .order_by(change_log.c.seq).limit(self.batch)).all())
+            rows = changes_after(conn, cursor, self.batch)
             if not rows:
                 return 0, 0
             position = safe_position(cursor, rows, cutoff)
@@ -91,7 +98,7 @@ class Matcher:
             rows = [r for r in rows if r.seq <= position]
             if not rows:
                 return 0, 0  # a transaction still open before the rest: wait for it
-            live = self._live(conn)
+            live = self._live_for(conn, rows)
             changed = self._match(conn, rows, live)
         if not changed and time.monotonic() - self._saved_at < CURSOR_SAVE_SECONDS:
             # Nothing to store: the cursor moves in memory, and is stored at most once a
@@ -144,6 +151,27 @@ class Matcher:
                      .values(seq=seq, updated_at=now_micros()))
 
     # -- what is live ---------------------------------------------------------------------
+    def _live_for(self, conn: Connection, rows: list[Any]) -> dict[str, Live]:
+        """The live Subscriptions for a round over these changes.
+
+        Reading them costs more than matching a busy second's changes, and rounds follow
+        every commit, so a reading serves later rounds while nothing that decides them
+        changes. Only a client's change to a Subscription moves it in or out of LIVE
+        (delivery moves it between active and error), a SubscriptionTopic change can
+        change what it matches, and both pass through the change log, so a round over
+        either reads them again, as does the round after it (this round stores what
+        they changed). LIVE_READ_SECONDS bounds the age of a reading all the same."""
+        follows = any(row.res_type in FOLLOWED_TYPES for row in rows)
+        if follows or self._live_read is None or (
+                time.monotonic() - self._live_read_at >= LIVE_READ_SECONDS):
+            live = self._live(conn)
+            self._live_read_at = time.monotonic()
+            self._live_read = None if follows else {
+                key: (state.row, state.spec, state.topic) for key, state in live.items()}
+            return live
+        return {key: Live(row, spec, topic)
+                for key, (row, spec, topic) in self._live_read.items()}
+
     def _live(self, conn: Connection) -> dict[str, Live]:
         repo = Repository(conn)
         live: dict[str, Live] = {}

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 from gateway.background import in_thread
 from gateway.settings import Settings
-from gateway.store.database import Database
+from gateway.store.database import BUSY_ROUND_GAP_SECONDS, Database
 from gateway.subscriptions.delivery import Deliverer
 from gateway.subscriptions.matcher import Matcher
 
@@ -50,6 +50,8 @@ class SubscriptionWorker:
             if events:
                 self.deliverer.nudge()
             if changes < self.matcher.batch:
+                if changes > 1:
+                    stop.wait(BUSY_ROUND_GAP_SECONDS)
                 committed.wait(poll)
 
 

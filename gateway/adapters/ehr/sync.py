@@ -41,8 +41,9 @@ from gateway.errors import FhirError
 from gateway.services.context import Context
 from gateway.settings import Settings
 from gateway.store.database import Database, gap_cutoff, safe_position
+from gateway.store.driver import changes_after
 from gateway.store.repository import Actor, Repository, Version
-from gateway.store.schema import change_log, ehr_rejections, reactor_cursors
+from gateway.store.schema import ehr_rejections, reactor_cursors
 from gateway.store.timeparse import format_instant, now_micros
 from mappings import ehr as mapping
 
@@ -85,8 +86,7 @@ def _changes(db: Database, after: int) -> tuple[list[Any], int]:
     """The next changes after `after`, and how far a cursor may move over them."""
     with db.read() as conn:
         cutoff = gap_cutoff(conn)
-        rows = list(conn.execute(select(change_log).where(change_log.c.seq > after)
-                                 .order_by(change_log.c.seq).limit(BATCH)).all())
+        rows = changes_after(conn, after, BATCH)
     position = safe_position(after, rows, cutoff)
     return [r for r in rows if r.seq <= position], position
 
