@@ -16,13 +16,13 @@ several replicas take turns on the `audit_chain` row.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from types import SimpleNamespace
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, func, select, update
 
 from gateway.audit.events import ROW_COLUMNS, Row
@@ -37,14 +37,13 @@ _EMPTY = SimpleNamespace(chain_seq=0, hash=GENESIS)  # the head of a trail never
 _RECORDED = [audit_log.c[name] for name in ROW_COLUMNS]
 
 
-_CANONICAL = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # built once
-
-
 def digest(previous: str, position: int, row: Row) -> str:
     """The hash of a row at `position`, after `previous`: SHA-256 of the predecessor's
-    hash, a newline, and the JSON array [position, ROW_COLUMNS values...] without spaces."""
-    data = _CANONICAL.encode([position, *row])
-    return hashlib.sha256(f"{previous}\n{data}".encode()).hexdigest()
+    hash, a newline, and the JSON array [position, ROW_COLUMNS values...] in UTF-8,
+    without spaces or escapes beyond JSON's own (Python's json.dumps with
+    separators=(",", ":") and ensure_ascii=False writes the same bytes, ~3x slower)."""
+    data = orjson.dumps([position, *row])
+    return hashlib.sha256(previous.encode() + b"\n" + data).hexdigest()
 
 
 @cache
