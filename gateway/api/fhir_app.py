@@ -164,13 +164,23 @@ async def _grant(db: Any, headers: dict[str, str], path: str) -> Grant | None:
     return grant
 
 
+def _state(app: Any, name: str) -> Any:
+    """What the app keeps under `name` (None if nothing). Through its mapping interface:
+    Starlette's State answers `app.state.name` only after an ordinary attribute lookup
+    has failed and built an AttributeError, which several lookups a request paid for."""
+    try:
+        return app.state[name]
+    except KeyError:
+        return None
+
+
 def _throttle(app: Any, grant: Grant) -> None:
     """429 with Retry-After for a client over its rate; the others are not slowed."""
-    limiter: RateLimiter | None = getattr(app.state, "rate_limiter", None)
+    limiter: RateLimiter | None = _state(app, "rate_limiter")
     if limiter is None:
-        settings = app.state.settings
-        limiter = app.state.rate_limiter = RateLimiter(settings.rate_limit_per_second,
-                                                       settings.rate_limit_burst)
+        settings = app.state["settings"]
+        limiter = app.state["rate_limiter"] = RateLimiter(settings.rate_limit_per_second,
+                                                          settings.rate_limit_burst)
     wait = limiter.retry_after(grant.client.client_id, time.monotonic())
     if wait is not None:
         raise ThrottledError(f"This client is over its rate of {limiter.per_second:g} "
@@ -191,11 +201,11 @@ async def answer(app: Any, scope: Scope, receive: Receive,
                  headers: dict[str, str]) -> FhirResponse:
     """Answer one FHIR request; failures raise (FhirError for the client's mistakes).
     Every request, refused and failed ones too, leaves an audit record."""
-    trail: AuditTrail | None = getattr(app.state, "audit", None)
+    trail: AuditTrail | None = _state(app, "audit")
     audit = None if trail is None else trail.begin(
         "GET" if scope["method"] == "HEAD" else scope["method"],
         scope["path"][len(PREFIX):].strip("/"), scope["query_string"].decode("latin-1"),
-        client_address(app.state.settings, scope, headers),
+        client_address(app.state["settings"], scope, headers),
         scope.get("state", {}).get("request_id"))
     try:
         result = await _serve(app, scope, receive, headers, audit)
@@ -214,8 +224,9 @@ async def answer(app: Any, scope: Scope, receive: Receive,
 
 async def _serve(app: Any, scope: Scope, receive: Receive, headers: dict[str, str],
                  audit: RequestAudit | None) -> FhirResponse:
-    settings, db = app.state.settings, app.state.db
-    query = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+    settings, db = app.state["settings"], app.state["db"]
+    raw_query = scope["query_string"]
+    query = parse_qsl(raw_query.decode("latin-1"), keep_blank_values=True) if raw_query else []
     path = scope["path"][len(PREFIX):].strip("/")
     check_accept(query, headers, html=path.endswith("$custody-report"))
     method = "GET" if scope["method"] == "HEAD" else scope["method"]

@@ -6,6 +6,7 @@ the FHIR endpoint needs no framework Request object per request.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -36,13 +37,18 @@ def check_accept(query: list[tuple[str, str]], headers: dict[str, str],
     if fmt is not None and fmt not in _FORMATS and not (html and fmt in _HTML_FORMATS):
         raise NotAcceptableError(f"_format={fmt} is not supported: this server speaks JSON")
     accept = headers.get("accept")
-    if not accept:
-        return
-    media = [m.split(";")[0].strip().lower() for m in accept.split(",")]
-    if not any(m in _JSON_TYPES or m.endswith("+json") or (html and m == "text/html")
-               for m in media):
+    if accept and not _answerable(accept, html):
         raise NotAcceptableError(f"Cannot answer in {accept}: this server speaks "
                                  "application/fhir+json")
+
+
+@lru_cache(maxsize=256)
+def _answerable(accept: str, html: bool) -> bool:
+    """Whether an Accept header admits JSON (or HTML where `html`): clients send the same
+    few values on every request."""
+    media = [m.split(";")[0].strip().lower() for m in accept.split(",")]
+    return any(m in _JSON_TYPES or m.endswith("+json") or (html and m == "text/html")
+               for m in media)
 
 
 async def read_body(method: str, headers: dict[str, str], receive: Receive,

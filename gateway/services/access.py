@@ -71,18 +71,21 @@ def authorize(grant: Grant | None, request: FhirRequest) -> None:
         return
     resource_type, right = need
     scopes, role = grant.scope_list, grant.client.role
-    what = f"{_RIGHTS[right]} on {'any type' if resource_type == '*' else resource_type}"
     if not any(scope.covers(resource_type, right) for scope in scopes):
-        _refuse(grant, what)
+        _refuse(grant, _what(resource_type, right))
     if not role_allows(role, resource_type, right) or (
             resource_type == "*" and not sees_everything(role)):
-        _refuse_role(role, what)
+        _refuse_role(role, _what(resource_type, right))
     if right == "s" and _reaches_other_types(request) and not (
             any(scope.covers("*", "r") for scope in scopes) and sees_everything(role)):
         # Included or joined resources would escape the per-partner rules of their own
         # type: only roles that see everything, with read on every type, may use them.
         _refuse(grant, "_include, _revinclude, chained parameters or _has (they need "
                        "system/*.r and a role that sees every resource)")
+
+
+def _what(resource_type: str, right: str) -> str:
+    return f"{_RIGHTS[right]} on {'any type' if resource_type == '*' else resource_type}"
 
 
 def check_may_create(grant: Grant | None, resource_type: str) -> None:

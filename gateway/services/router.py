@@ -6,6 +6,7 @@ batch/transaction processor both come through here.
 
 from __future__ import annotations
 
+from typing import NoReturn
 from urllib.parse import parse_qsl
 
 from sqlalchemy.exc import DBAPIError
@@ -28,11 +29,14 @@ from gateway.store.database import is_transient
 
 
 def _allow(method: str, allowed: str) -> None:
-    methods = allowed.split()
-    if method not in methods:
-        listed = ", ".join(sorted(methods))
-        raise MethodNotAllowedError(f"{method} is not allowed here (allowed: {listed})",
-                                    headers={"Allow": listed})
+    if method not in allowed.split():
+        _not_allowed(method, allowed)
+
+
+def _not_allowed(method: str, allowed: str) -> NoReturn:
+    listed = ", ".join(sorted(allowed.split()))
+    raise MethodNotAllowedError(f"{method} is not allowed here (allowed: {listed})",
+                                headers={"Allow": listed})
 
 
 def _form_query(request: FhirRequest) -> list[tuple[str, str]]:
@@ -95,13 +99,17 @@ def _type_level(ctx: Context, request: FhirRequest, resource_type: str,
         return audit_events.handle(ctx, request, rest, _form_query)
     method = request.method
     if not rest:
-        _allow(method, "GET POST PUT PATCH DELETE")
-        handlers = {"GET": lambda: search.search(ctx, request, resource_type),
-                    "POST": lambda: crud.create(ctx, request, resource_type),
-                    "PUT": lambda: crud.conditional_update(ctx, request, resource_type),
-                    "PATCH": lambda: crud.patch(ctx, request, resource_type, None),
-                    "DELETE": lambda: crud.conditional_delete(ctx, request, resource_type)}
-        return handlers[method]()
+        if method == "GET":
+            return search.search(ctx, request, resource_type)
+        if method == "POST":
+            return crud.create(ctx, request, resource_type)
+        if method == "PUT":
+            return crud.conditional_update(ctx, request, resource_type)
+        if method == "PATCH":
+            return crud.patch(ctx, request, resource_type, None)
+        if method == "DELETE":
+            return crud.conditional_delete(ctx, request, resource_type)
+        _not_allowed(method, "GET POST PUT PATCH DELETE")
     first = rest[0]
     if first == "_search" and len(rest) == 1:
         _allow(method, "POST")
@@ -118,12 +126,15 @@ def _instance_level(ctx: Context, request: FhirRequest, resource_type: str, reso
                     rest: list[str]) -> FhirResponse:
     method = request.method
     if not rest:
-        _allow(method, "GET PUT PATCH DELETE")
-        handlers = {"GET": lambda: crud.read(ctx, request, resource_type, resource_id),
-                    "PUT": lambda: crud.update(ctx, request, resource_type, resource_id),
-                    "PATCH": lambda: crud.patch(ctx, request, resource_type, resource_id),
-                    "DELETE": lambda: crud.delete(ctx, request, resource_type, resource_id)}
-        return handlers[method]()
+        if method == "GET":
+            return crud.read(ctx, request, resource_type, resource_id)
+        if method == "PUT":
+            return crud.update(ctx, request, resource_type, resource_id)
+        if method == "PATCH":
+            return crud.patch(ctx, request, resource_type, resource_id)
+        if method == "DELETE":
+            return crud.delete(ctx, request, resource_type, resource_id)
+        _not_allowed(method, "GET PUT PATCH DELETE")
     if rest[0] == "_history":
         _allow(method, "GET")
         if len(rest) == 1:
