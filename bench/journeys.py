@@ -166,7 +166,8 @@ class Driver:
                 except (httpx.HTTPError, TimeoutError) as exc:
                     self.tally.errors += 1
                     if len(self.tally.failures) < 5:
-                        self.tally.failures.append(f"CarePlan/{careplan_id}: {exc}")
+                        self.tally.failures.append(
+                            f"CarePlan/{careplan_id}: {type(exc).__name__}: {exc}")
 
         await asyncio.gather(*(partner() for _ in range(self.spec.concurrency)))
 

@@ -719,7 +719,7 @@ def find_chain_line(report: dict[str, Any]) -> str:
 def journeys_line(report: dict[str, Any]) -> str:
     """The orchestration figures, with their ratio to plain Task creates in this run."""
     busy, light = report["journeys"]["busy"], report["journeys"]["light"]
-    creates = report["scenarios"]["create"]["rps"]
+    creates = report["scenarios"].get("create", {}).get("rps")  # not in every --only
     rate = busy["advances_per_s"]
     ratio = _share(rate / creates) if creates and rate else "-"
     return (f"orchestration: {busy['enrolments']} enrolments driven to completion by "

@@ -30,7 +30,7 @@ from gateway.services.context import Context
 from gateway.services.protocols import plan_definition_id, protocol_from_store
 from gateway.services.search import match_ids
 from gateway.settings import Settings
-from gateway.store.database import BUSY_ROUND_GAP_SECONDS, Database, safe_position
+from gateway.store.database import BUSY_ROUND_CHANGES, Database, safe_position
 from gateway.store.driver import changes_after
 from gateway.store.repository import Actor, Repository
 from gateway.store.schema import reactor_cursors
@@ -47,6 +47,9 @@ ACTOR = Actor(name="orchestrator")
 CURSOR = "orchestrator"
 ASSIGNS_COI = "chain-of-identity"  # a stage whose completion assigns the enrolment's code
 CURSOR_SAVE_SECONDS = 1.0
+ROUND_GAP_SECONDS = 0.01
+"""After a busy round (BUSY_ROUND_CHANGES), the next changes gather this long: short,
+since every partner waiting for its next Task waits for the next round too."""
 Clock = Callable[[], datetime]
 
 
@@ -70,6 +73,7 @@ class Orchestrator:
         self.batch, self.gap_grace = batch, gap_grace
         self._position: int | None = None  # the cursor, as far as this process has read
         self._saved_at = 0.0
+        self.others_last_round = 0  # changes not the orchestrator's own in the last round
         self._protocols: dict[tuple[str, str], Protocol] = {}
         self._plan_ids: dict[str, str] = {}  # canonical -> PlanDefinition id
         # Enrolments advance side by side, each in its own transaction under its own
@@ -89,6 +93,7 @@ class Orchestrator:
         cursor = self._position
         with self.db.read() as conn:
             rows = changes_after(conn, cursor, self.batch)
+        self.others_last_round = sum(1 for r in rows if r.actor != ACTOR.name)
         if not rows:
             return 0
         touched = self._enrolments_touched([r for r in rows if _may_move_a_plan(r)])
@@ -291,9 +296,9 @@ class Orchestrator:
                 log.exception("orchestrator round failed; retrying")
                 consumed = 0
                 stop.wait(poll)
-            if 1 < consumed < self.batch:
-                stop.wait(BUSY_ROUND_GAP_SECONDS)  # busy: let the next changes gather
             if consumed < self.batch:
+                if self.others_last_round >= BUSY_ROUND_CHANGES:
+                    stop.wait(ROUND_GAP_SECONDS)  # busy: let the next changes gather
                 committed.wait(poll)  # the next commit starts a round at once
 
     def ensure_device(self) -> None:

@@ -137,12 +137,13 @@ def gap_cutoff(conn: Connection) -> int:
     return now if oldest is None else int(oldest) - CLOCK_MARGIN_MICROS
 
 
-BUSY_ROUND_GAP_SECONDS = 0.05
-"""How long a reactor to the change log (the orchestrator, subscription matching) lets
-changes gather after a round that found several: under a write-heavy load a round then
-reads dozens of changes instead of one commit's, and a round costs about as much as
-twenty changes in it. A round that found one change (writes one at a time) is followed
-by the next commit's at once."""
+BUSY_ROUND_CHANGES = 4
+"""A reactor to the change log (the orchestrator, subscription matching) that found at
+least this many changes made by others than itself in a round is busy: it lets the next
+changes gather for a moment (its ROUND_GAP_SECONDS) before its next round, instead of
+running a round for every commit under a write-heavy load, when a round costs about as
+much as twenty changes in it. After a quieter round the next commit starts the next one
+at once, so a few writers, or writes one at a time, wait for no gap."""
 
 
 class CommitSignal:
