@@ -82,6 +82,9 @@ MAX_SEARCH_P99_MS = 25.0
 MAX_FIND_CHAIN_P99_MS, FIND_CHAIN_DAYS = 200.0, 90
 ADJACENT_BASELINE = {*MIN_RATIO, FIND_CHAIN}
 """Scenarios whose baseline is measured right before and right after them."""
+MIN_BASELINE_SECONDS = 0.5
+"""Those baselines run half a scenario's time, but no less: in a shorter window on a busy
+machine the load generator can finish no request at all."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -504,9 +507,10 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             # the ratio taken against both.
             assert scenario.method is not None
             baseline = SCENARIO_BY_NAME[f"{TARGET_BASELINE}-{scenario.method.lower()}"]
-            before = drive(baseline, args.duration / 2, connections_of(scenario))
+            seconds = max(args.duration / 2, MIN_BASELINE_SECONDS)
+            before = drive(baseline, seconds, connections_of(scenario))
             results[scenario.name] = drive(scenario, args.duration, params=params)
-            after = drive(baseline, args.duration / 2, connections_of(scenario))
+            after = drive(baseline, seconds, connections_of(scenario))
             results[scenario.name]["adjacent_baseline_rps"] = [before["rps"], after["rps"]]
             results[scenario.name]["adjacent_baseline_p50_ms"] = [before["p50_ms"],
                                                                   after["p50_ms"]]
