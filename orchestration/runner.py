@@ -73,7 +73,7 @@ class Orchestrator:
         self.batch, self.gap_grace = batch, gap_grace
         self._position: int | None = None  # the cursor, as far as this process has read
         self._saved_at = 0.0
-        self.others_last_round = 0  # changes not the orchestrator's own in the last round
+        self._others_last_round = 0  # changes not the orchestrator's own in the last round
         self._protocols: dict[tuple[str, str], Protocol] = {}
         self._plan_ids: dict[str, str] = {}  # canonical -> PlanDefinition id
         # Enrolments advance side by side, each in its own transaction under its own
@@ -93,7 +93,7 @@ class Orchestrator:
         cursor = self._position
         with self.db.read() as conn:
             rows = changes_after(conn, cursor, self.batch)
-        self.others_last_round = sum(1 for r in rows if r.actor != ACTOR.name)
+        self._others_last_round = sum(1 for r in rows if r.actor != ACTOR.name)
         if not rows:
             return 0
         touched = self._enrolments_touched([r for r in rows if _may_move_a_plan(r)])
@@ -297,7 +297,7 @@ class Orchestrator:
                 consumed = 0
                 stop.wait(poll)
             if consumed < self.batch:
-                if self.others_last_round >= BUSY_ROUND_CHANGES:
+                if self._others_last_round >= BUSY_ROUND_CHANGES:
                     stop.wait(ROUND_GAP_SECONDS)  # busy: let the next changes gather
                 committed.wait(poll)  # the next commit starts a round at once
 
