@@ -53,11 +53,13 @@ from gateway.store.repository import Repository, Version
 from gateway.store.timeparse import format_instant, micros_of, moment_of, now_micros
 from orchestration.chains import ChainStep
 from orchestration.scheduling import Found, OpenSlot, Query, check_chain, find_chains
-from orchestration.state import task_run_key
+from orchestration.state import KEY_SYSTEM, task_run_key
 
 EXPECTED_RELEASE = f"{ATM}/StructureDefinition/expected-release"
 TOLD = ("coordinator", "treatment-centre", "physician", "manufacturer", "courier",
         "apheresis-centre")
+
+_RUN_KEY_SYSTEM = KEY_SYSTEM.encode()  # as it appears in a stored Task's JSON
 
 
 def _chain(ctx: Context, repo: Repository, appointment: Version) -> tuple[
@@ -195,6 +197,8 @@ def expected_release(task: dict[str, Any]) -> str | None:
 
 def on_task_write(ctx: Context, repo: Repository, version: Version) -> None:
     """After a Task write: a later expected release re-plans the steps after its stage."""
+    if _RUN_KEY_SYSTEM not in (version.content or b""):
+        return  # not one of the orchestrator's Tasks: no need to parse it to know
     task = version.resource()
     key = task_run_key(task)
     if key is not None and _release_changed(repo, version):
