@@ -34,7 +34,7 @@ from gateway.dashboard.journeys import (
 )
 from gateway.dashboard.programme import Options, Programme, options_of, programme_of
 from gateway.store.database import Database, safe_position
-from gateway.store.driver import Driver
+from gateway.store.driver import Driver, changes_after
 from gateway.store.repository import Repository
 from gateway.store.schema import change_log
 
@@ -172,11 +172,7 @@ class Board:
         rows: list[Any] = []
         while True:
             after = rows[-1].seq if rows else position
-            batch = conn.execute(
-                select(change_log.c.seq, change_log.c.res_type, change_log.c.res_id,
-                       change_log.c.version, change_log.c.interaction, change_log.c.at)
-                .where(change_log.c.seq > after).order_by(change_log.c.seq)
-                .limit(self.batch)).all()
+            batch = changes_after(conn, after, self.batch)
             rows += batch
             if len(batch) < self.batch:
                 return rows

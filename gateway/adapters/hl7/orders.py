@@ -19,6 +19,7 @@ from gateway.adapters.hl7 import messages
 from gateway.custody.coi import coi_of
 from gateway.settings import Settings
 from gateway.store.database import Database, safe_position
+from gateway.store.driver import changes_after
 from gateway.store.repository import Repository
 from gateway.store.schema import change_log, reactor_cursors
 from gateway.store.timeparse import now_micros
@@ -49,11 +50,7 @@ class OrderBook:
             self._position = self._start()
         cursor = self._position
         with self.db.read() as conn:
-            rows = list(conn.execute(
-                select(change_log.c.seq, change_log.c.res_type, change_log.c.res_id,
-                       change_log.c.interaction, change_log.c.at)
-                .where(change_log.c.seq > cursor).order_by(change_log.c.seq)
-                .limit(self.batch)))
+            rows = changes_after(conn, cursor, self.batch)
         old_enough = int((datetime.now(UTC) - self.gap_grace).timestamp() * 1_000_000)
         position = safe_position(cursor, rows, old_enough)
         # Created, or changed: an order activated, or given its chain of identity, later.
