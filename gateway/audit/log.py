@@ -28,7 +28,12 @@ from gateway.store.schema import audit_entities, audit_log
 
 log = logging.getLogger(__name__)
 
-WRITE_EVERY = 0.05  # seconds between the writer's turns
+# Seconds between the writer's turns. Each turn is one transaction, and the pages it
+# dirties (the table's and five indexes') are written to the WAL and checkpointed once
+# per turn, however many records it holds: at 50 ms a read's record cost ~29 µs of the
+# writer's CPU, at 250 ms ~19 µs (reads served +6–9%). A record waits no longer than
+# the chaining of writes' records (CHAIN_EVERY) already does.
+WRITE_EVERY = 0.25
 CHAIN_EVERY = 0.25  # seconds between chaining rounds
 MAX_WAITING = 100_000  # records held in memory while the database cannot take them
 RETRY_SECONDS = 1.0
