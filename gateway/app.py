@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
                 hl7_bridge.running_beside(db, settings):
             yield
             dashboard_routes.stop(app)
-        observability.ACCESS_LOG.flush()
+        observability.REQUEST_LOG.flush()
         db.dispose()
 
     app = FastAPI(title="ATM Gateway", version=__version__, lifespan=lifespan,

@@ -11,6 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.concurrency import run_in_threadpool
 
+from gateway.api.observability import REQUEST_LOG
+
 router = APIRouter(tags=["operations"])
 
 
@@ -46,6 +48,7 @@ async def readyz(request: Request) -> JSONResponse:
             responses={200: {"description": "Prometheus text exposition format",
                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics() -> Response:
+    REQUEST_LOG.flush()  # the samples of requests answered since the last flush
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # several workers: all of their samples
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
