@@ -224,8 +224,8 @@ class Repository:
         at = now_micros()
         content = stamp(resource, resource_id, 1, at)
         inserted = self._driver.execute(self._sql.insert_current, (
-            resource_type, resource_id, 1, at, False, content)).fetchone()
-        if inserted is None:
+            resource_type, resource_id, 1, at, False, content)).rowcount
+        if inserted != 1:
             return None
         version = Version(resource_type, resource_id, 1, at, False, content, method)
         self._record(version, resource, "create")
