@@ -68,7 +68,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on"),
                   "\nEvery request needs a token: atm clients add … --new-key FILE, then "
                   "atm token --credentials FILE"))
     with shared_metrics(workers):
-        uvicorn.run("gateway.app:create_app", factory=True, host=host, port=port,
+        uvicorn.run("gateway.app:serving_app", factory=True, host=host, port=port,
                     workers=workers, loop="uvloop", http="httptools", access_log=False,
                     log_level="warning", log_config=log_config(settings),
                     # X-Forwarded-* are honoured by the gateway only when configured to
