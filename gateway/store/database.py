@@ -499,13 +499,14 @@ class Database:
 
         A lone SELECT is atomic in SQLite; skipping the pool checkout, BEGIN and COMMIT
         makes a primary-key read several times cheaper. Each thread keeps its own
-        connection.
+        connection, and asks sqlite3's connection itself (not the pool's proxy of it).
         """
-        raw = getattr(self._local, "raw", None)
-        if raw is None:
-            raw = self._local.raw = self.engine.raw_connection()
+        sqlite = getattr(self._local, "sqlite", None)
+        if sqlite is None:
+            raw = self.engine.raw_connection()
             self._point_conns.append(raw)
-        return raw.cursor().execute(sqlite_sql, params).fetchone()
+            sqlite = self._local.sqlite = raw.dbapi_connection
+        return sqlite.execute(sqlite_sql, params).fetchone()
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
