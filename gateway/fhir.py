@@ -13,7 +13,7 @@ import types
 import typing
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
@@ -156,25 +156,53 @@ def _field_kinds(model: Any) -> dict[str, Any]:
     return kinds
 
 
+class _JsonKind(NamedTuple):
+    """What one element of a model may be in JSON: a primitive's JSON types (None for a
+    complex element), whether it is a boolean, the JSON type's name for messages, and a
+    complex element's model."""
+
+    types: tuple[type, ...] | None
+    boolean: bool
+    name: str
+    element: Any
+
+
+@cache
+def _json_kinds(model: Any) -> dict[str, _JsonKind]:
+    """JSON name → its _JsonKind, for the elements of one model class that are checked
+    (primitives and complex elements), worked out once per model."""
+    kinds = {}
+    for name, kind in _field_kinds(model).items():
+        if isinstance(kind, type) and kind in _JSON_KINDS:
+            kinds[name] = _JsonKind(_JSON_KINDS[kind], kind is bool,
+                                    _JSON_NAMES.get(kind, "string"), None)
+        elif hasattr(kind, "model_fields"):
+            kinds[name] = _JsonKind(None, False, "object", kind)
+    return kinds
+
+
 def _check_json_types(node: dict[str, Any], model: Any, where: str) -> list[Issue]:
     named = node.get("resourceType")
     if isinstance(named, str) and named != model.__name__:
         model = _model(named) or model  # contained, Bundle.entry.resource
-    kinds = _field_kinds(model)
+    kinds = _json_kinds(model)
     issues: list[Issue] = []
     for key, value in node.items():
         kind = kinds.get(key)
+        if kind is None:
+            continue
         many = isinstance(value, list)
         for index, item in enumerate(value if many else (value,)):
-            if isinstance(kind, type) and kind in _JSON_KINDS:
-                bad = isinstance(item, bool) and kind is not bool
-                if item is not None and (bad or not isinstance(item, _JSON_KINDS[kind])):
-                    issues.append(Issue("invalid", f"Expected a JSON "
-                                        f"{_JSON_NAMES.get(kind, 'string')}",
+            if kind.types is not None:
+                bad = isinstance(item, bool) and not kind.boolean
+                if item is not None and (bad or not isinstance(item, kind.types)):
+                    issues.append(Issue("invalid", f"Expected a JSON {kind.name}",
                                         expression=(_location(where, key, index, many),)))
-            elif isinstance(item, dict) and hasattr(kind, "model_fields"):
-                issues.extend(_check_json_types(item, kind, _location(where, key, index, many)))
+            elif isinstance(item, dict):
+                issues.extend(_check_json_types(item, kind.element,
+                                                _location(where, key, index, many)))
     return issues
+
 
 
 def _location(where: str, key: str, index: int, many: bool) -> str:
