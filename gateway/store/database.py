@@ -506,6 +506,7 @@ class Database:
             raw = self.engine.raw_connection()
             self._point_conns.append(raw)
             sqlite = self._local.sqlite = raw.dbapi_connection
+            assert sqlite is not None
         return sqlite.execute(sqlite_sql, params).fetchone()
 
     def ping(self) -> None:
