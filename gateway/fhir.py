@@ -204,7 +204,6 @@ def _check_json_types(node: dict[str, Any], model: Any, where: str) -> list[Issu
     return issues
 
 
-
 def _location(where: str, key: str, index: int, many: bool) -> str:
     return f"{where}.{key}[{index}]" if many else f"{where}.{key}"
 
