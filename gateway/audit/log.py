@@ -46,12 +46,13 @@ class AuditUnavailableError(FhirError):
 
 
 @cache
-def _statements(dialect: str) -> tuple[str, str]:
+def _statements(dialect: str) -> tuple[str, str, str]:
+    """Insert a row; insert a row and return its seq; index one of its resources."""
     mark = "?" if dialect == "sqlite" else "%s"
     row = (f"INSERT INTO {audit_log.name} ({', '.join(ROW_COLUMNS)}) VALUES "
            f"({', '.join([mark] * len(ROW_COLUMNS))})")
     entity = f"INSERT INTO {audit_entities.name} (reference, seq) VALUES ({mark}, {mark})"
-    return row, entity
+    return row, f"{row} RETURNING seq", entity
 
 
 def insert_rows(conn: Any, rows: Sequence[Row]) -> None:
@@ -60,14 +61,14 @@ def insert_rows(conn: Any, rows: Sequence[Row]) -> None:
     indexes each of them in audit_entities, under the row's seq: only such a row asks
     for it back (RETURNING cost SQLite ~6–15 µs an insert more)."""
     driver = Driver(conn)
-    insert_row, insert_entity = _statements(conn.dialect.name)
+    insert_row, insert_row_seq, insert_entity = _statements(conn.dialect.name)
     entities = ROW_COLUMNS.index("entities")
     for row in rows:
         names = (row[entities] or "").split()
         if len(names) <= 1:
             driver.execute(insert_row, row)
             continue
-        seq = driver.execute(f"{insert_row} RETURNING seq", row).fetchone()[0]
+        seq = driver.execute(insert_row_seq, row).fetchone()[0]
         driver.execute_many(insert_entity, sorted({(unversioned(n), seq) for n in names}))
 
 
