@@ -55,13 +55,16 @@ def definitions() -> dict[str, Any]:
     return table  # type: ignore[no-any-return]
 
 
-# fhir_core's before-validator that rejects a null in a list of complex elements
-# (`"coding": [null]`) works out, for every element of every payload, which of its model's
-# ~30 fields are such lists: ~40% of a Task's model validation. The same check with that
-# list worked out once per model is installed below, in its place, before any model class
-# exists (models inherit their validators by name when they are built). When a null is
-# found, fhir_core's own check runs, so the errors are its own.
+# fhir_core validates every element of a payload with two validators of its base model
+# that redo, element by element, work that depends only on the element's model: which of
+# its ~30 fields are lists of complex elements (for nulls in them: ~40% of a Task's model
+# validation), and which fields are required (a mapping of every field's alias each
+# time). Below, each is replaced by the same check with that work done once per model,
+# which hands over to fhir_core's own code wherever a check can fail, so that the errors
+# are fhir_core's. They are installed before any model class exists: models pick up
+# their base's validators by name when they are built.
 _NULL_CHECK = "reject_null_complex_elements"
+_AFTER_CHECK = "validate_after_model_construction"
 _fhir_core_null_check = FHIRAbstractModel.reject_null_complex_elements.__func__  # type: ignore[attr-defined]
 
 
@@ -85,7 +88,30 @@ def _reject_null_complex_elements(model: Any, data: Any) -> Any:
     return data
 
 
+_after_checks: dict[type, tuple[tuple[str, ...], bool]] = {}
+
+
+def _validate_after_model_construction(element: Any) -> Any:
+    """fhir_core's checks of a built element, in its order: each required primitive has a
+    value or an extension in its place (checked by fhir_core when one has no value), and
+    at most one type of each choice element (value[x]) is given."""
+    model = type(element)
+    checks = _after_checks.get(model)
+    if checks is None:  # the first element of its model: the model's constant lists
+        field_names = element.get_alias_mapping()
+        checks = _after_checks[model] = (
+            tuple(field_names[name] for name, _ in element.get_required_fields()),
+            bool(element.get_one_of_many_fields()))
+    required, has_choices = checks
+    if any(getattr(element, name) is None for name in required):
+        element._validate_required_primitive_elements()
+    if has_choices:
+        element._validate_one_of_many()
+    return element
+
+
 setattr(FHIRAbstractModel, _NULL_CHECK, classmethod(_reject_null_complex_elements))
+setattr(FHIRAbstractModel, _AFTER_CHECK, _validate_after_model_construction)
 
 
 _ABSTRACT_TYPES = frozenset({"Resource", "DomainResource"})
