@@ -222,6 +222,14 @@ async def answer(app: Any, scope: Scope, receive: Receive,
     return result
 
 
+def _handle_write(ctx: Context, request: FhirRequest) -> FhirResponse:
+    """A single write on the event loop, which runs again if another writer's failure
+    undid its work (Database.write_on_loop), and with it the audit record it stored."""
+    if ctx.audit is not None:
+        ctx.audit.start_over()
+    return handle(ctx, request)
+
+
 async def _serve(app: Any, scope: Scope, receive: Receive, headers: dict[str, str],
                  audit: RequestAudit | None) -> FhirResponse:
     settings, db = app.state["settings"], app.state["db"]
@@ -245,7 +253,7 @@ async def _serve(app: Any, scope: Scope, receive: Receive, headers: dict[str, st
     if db.is_sqlite and _is_instance_read(method, path):
         result = handle(ctx, fhir_request)
     elif db.is_sqlite and _is_single_write(method, path, query, headers, body):
-        result = await db.write_on_loop(handle, ctx, fhir_request)
+        result = await db.write_on_loop(_handle_write, ctx, fhir_request)
     else:
         result = await run_in_threadpool(handle, ctx, fhir_request)
     if grant is not None and grant.client.role in BLIND_ROLES and result.body \

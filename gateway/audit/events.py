@@ -131,6 +131,11 @@ class RequestAudit:
             insert_rows(conn, [self.row(now_micros(), None, changed)])
             self.stored = True
 
+    def start_over(self) -> None:
+        """The request's write runs again: whatever its first run stored was undone."""
+        self.pending.clear()
+        self.stored = False
+
     def close(self, status: int, etag: str | None = None) -> None:
         """The request is answered: queue its record unless its write stored it."""
         if not self.stored:

@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -121,43 +122,130 @@ def _create(threads: list[int] | None = None) -> Callable[[Database], str]:
     return create
 
 
-def test_writes_on_the_event_loop_share_a_commit_and_fail_alone(
-        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    _sqlite_only(db)
-    commits = []
+def _count_commits(db: Database, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    commits: list[int] = []
     writer = db._writer
     assert writer is not None
     real_commit = writer._commit_group
 
-    def counted_commit() -> None:
+    def counted_commit() -> BaseException | None:
         commits.append(writer._group)
-        real_commit()
+        return real_commit()
 
     monkeypatch.setattr(writer, "_commit_group", counted_commit)
+    return commits
+
+
+def _on_loop(*writes: Callable[[Database], str], db: Database) -> list[object]:
+    """Run the write functions on one event loop, all started in the same turn."""
+    async def scenario() -> list[object]:
+        return await asyncio.gather(*(db.write_on_loop(fn, db) for fn in writes),
+                                    return_exceptions=True)
+    return asyncio.run(scenario())
+
+
+def _stored(db: Database, *ids: object) -> list[bool]:
+    with db.read() as conn:  # durable once answered, visible to other connections
+        repo = Repository(conn)
+        return [repo.read("Task", str(i)) is not None for i in ids]
+
+
+def test_writes_on_the_event_loop_share_a_commit(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    _sqlite_only(db)
+    commits = _count_commits(db, monkeypatch)
+    threads: list[int] = []
+
+    ids = _on_loop(_create(threads), _create(threads), _create(threads), db=db)
+
+    assert threads == [threading.get_ident()] * 3  # each ran once, on the loop's thread
+    assert len(commits) == 1  # three writers, one COMMIT
+    assert _stored(db, *ids) == [True] * 3
+
+
+def test_loop_writer_refused_before_changing_rows_leaves_its_group_alone(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    _sqlite_only(db)
+    commits = _count_commits(db, monkeypatch)
+    threads: list[int] = []
+
+    def refused(db: Database) -> str:
+        with db.write() as conn:
+            Repository(conn).read("Task", "nothing-here")
+            raise RuntimeError("refused before writing")
+
+    first, failed, third = _on_loop(_create(threads), refused, _create(threads), db=db)
+
+    assert isinstance(failed, RuntimeError)
+    assert len(threads) == 2 and len(commits) == 1  # nobody ran again
+    assert _stored(db, first, third) == [True, True]
+
+
+def test_loop_writer_failing_after_writing_is_undone_and_the_writers_before_it_run_again(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loop writers have no SAVEPOINT of their own: a failure after changing rows undoes
+    the group, and the writers that were done run again (and answer the second run)."""
+    _sqlite_only(db)
+    commits = _count_commits(db, monkeypatch)
+    threads: list[int] = []
+    broken_ids: list[str] = []
 
     def broken(db: Database) -> str:
         with db.write() as conn:
-            Repository(conn).create(task())
+            broken_ids.append(Repository(conn).create(task()).id)
             raise RuntimeError("business rule broken halfway")
 
-    threads: list[int] = []
+    first, failed, third = _on_loop(_create(threads), broken, _create(threads), db=db)
 
-    async def scenario() -> list[object]:
-        create = _create(threads)
-        return await asyncio.gather(
-            db.write_on_loop(create, db), db.write_on_loop(broken, db),
-            db.write_on_loop(create, db), return_exceptions=True)
-
-    first, failed, third = asyncio.run(scenario())
     assert isinstance(failed, RuntimeError)
-    assert threads == [threading.get_ident()] * 2  # on the event loop's thread
-    assert len(commits) == 1  # three writers, one COMMIT
-    with db.read() as conn:  # durable once answered, visible to other connections
-        repo = Repository(conn)
-        assert repo.read("Task", str(first)) is not None
-        assert repo.read("Task", str(third)) is not None
+    assert len(threads) == 3  # the first writer ran twice, the third once
+    assert len(commits) == 2  # the third with the group; the first's second run after it
+    assert _stored(db, first, third, *broken_ids) == [True, True, False]
     assert _count(db) == 2
     assert _count(db, change_log) == 2
+
+
+def test_later_write_of_a_loop_writer_fails_alone(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A function's second write has its SAVEPOINT: undone alone, the first kept."""
+    _sqlite_only(db)
+    commits = _count_commits(db, monkeypatch)
+    threads: list[int] = []
+    undone: list[str] = []
+
+    def two_writes(db: Database) -> str:
+        with db.write() as conn:
+            kept = Repository(conn).create(task()).id
+        with suppress(RuntimeError), db.write() as conn:
+            undone.append(Repository(conn).create(task()).id)
+            raise RuntimeError("the second write is refused")
+        return kept
+
+    first, kept = _on_loop(_create(threads), two_writes, db=db)
+
+    assert len(threads) == 1 and len(commits) == 1  # nobody ran again
+    assert _stored(db, first, kept, *undone) == [True, True, False]
+
+
+def test_write_after_a_loop_writers_failure_is_kept(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a refused custody handoff records its stop: the failed write is undone with its
+    group, and what the function writes next is committed."""
+    _sqlite_only(db)
+    threads: list[int] = []
+    undone: list[str] = []
+
+    def fail_then_record(db: Database) -> str:
+        with suppress(RuntimeError), db.write() as conn:
+            undone.append(Repository(conn).create(task()).id)
+            raise RuntimeError("refused halfway")
+        with db.write() as conn:
+            return Repository(conn).create(task()).id
+
+    first, recorded = _on_loop(_create(threads), fail_then_record, db=db)
+
+    assert len(threads) == 2  # the first writer ran again
+    assert _stored(db, first, recorded, *undone) == [True, True, False]
 
 
 def test_a_write_on_the_loop_waits_its_turn_behind_a_threaded_writer(db: Database) -> None:
