@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
@@ -35,6 +36,9 @@ T = TypeVar("T")
 # may refuse a serialisation (40001): retrying the whole request is safe and expected.
 TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
 GROUP_LIMIT = 64          # most writers sharing one commit
+# After a loop group was undone, loop writes take a SAVEPOINT again for this long: a
+# stream of writes refused after writing then costs others no replays.
+UNDO_CAREFUL_SECONDS = 1.0
 CHECKPOINT_SECONDS = 0.5  # how often the background checkpointer looks at the WAL
 MMAP_BYTES = 1 << 30      # how much of a SQLite database file is memory-mapped
 WAL_RESTART_FRAMES = 8192  # a WAL this long (32 MB of 4 KB pages) is restarted from the top
@@ -236,22 +240,25 @@ class _GroupCommitter:
         self._loop_group: _LoopGroup | None = None
         self._notify = False  # a member of the open group asked for `committed`
         self._turn_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._careful_until = 0.0  # loop writes take a SAVEPOINT until then (monotonic)
 
     @contextmanager
     def write(self, notify: bool = True) -> Iterator[Connection]:
         """One writer's work in the open group. On the event loop, a function's first write
         has no SAVEPOINT: SQLite copies every page a savepoint's work touches into its
         journal, ~15% of a create. Should that write fail after changing rows, the whole
-        group is undone instead, and the group's other writers run again."""
+        group is undone instead, and the group's other writers run again. For a while
+        after that, loop writes take a SAVEPOINT again (UNDO_CAREFUL_SECONDS)."""
         writer = _LOOP_WRITER.get()
         if writer is not None and writer.group.committer is self:
             self._notify = True
             conn = writer.group.conn
-            if writer.has_written:  # a later write of the same function
+            first_write = not writer.has_written
+            writer.has_written = True
+            if not first_write or time.monotonic() < self._careful_until:
                 with _savepoint(conn):
                     yield conn
                 return
-            writer.has_written = True
             with self._undone_with_group(writer.group):
                 yield conn
             return
@@ -307,6 +314,7 @@ class _GroupCommitter:
         undone, group.committed = group.committed, group.committed.get_loop().create_future()
         undone.set_exception(_WriteUndoneError())
         undone.exception()  # retrieved: no writer may be waiting for it
+        self._careful_until = time.monotonic() + UNDO_CAREFUL_SECONDS
         try:
             self._outer.rollback()
             self._outer = self._conn.begin()  # type: ignore[union-attr]

@@ -205,6 +205,33 @@ def test_loop_writer_failing_after_writing_is_undone_and_the_writers_before_it_r
     assert _count(db, change_log) == 2
 
 
+def test_after_an_undo_loop_writers_fail_alone_for_a_while(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream of writes refused after writing must not make others run again and again:
+    once a group was undone, loop writes take a SAVEPOINT for UNDO_CAREFUL_SECONDS."""
+    _sqlite_only(db)
+    threads: list[int] = []
+    undone: list[str] = []
+
+    def broken(db: Database) -> str:
+        with db.write() as conn:
+            undone.append(Repository(conn).create(task()).id)
+            raise RuntimeError("refused after writing")
+
+    created = _create(threads)
+    results = _on_loop(created, broken, created, broken, created, db=db)
+
+    assert [isinstance(r, RuntimeError) for r in results] == [False, True, False, True, False]
+    assert len(threads) == 4  # only the first writer ran again, after the first refusal
+    assert _stored(db, *results[::2], *undone) == [True, True, True, False, False]
+    monkeypatch.setattr(database, "UNDO_CAREFUL_SECONDS", 0.0)
+    assert db._writer is not None
+    db._writer._careful_until = 0.0
+    again = _on_loop(created, broken, db=db)
+    assert len(threads) == 6  # no longer careful: the writer before the refusal ran again
+    assert _stored(db, again[0]) == [True]
+
+
 def test_later_write_of_a_loop_writer_fails_alone(
         db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     """A function's second write has its SAVEPOINT: undone alone, the first kept."""
