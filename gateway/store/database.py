@@ -247,7 +247,7 @@ class _GroupCommitter:
         """One writer's work in the open group. On the event loop, a function's first write
         has no SAVEPOINT: SQLite copies every page a savepoint's work touches into its
         journal, ~15% of a create. Should that write fail after changing rows, the whole
-        group is undone instead, and the group's other writers run again. For a while
+        group is undone instead, and the group's writers before it run again. For a while
         after that, loop writes take a SAVEPOINT again (UNDO_CAREFUL_SECONDS)."""
         writer = _LOOP_WRITER.get()
         if writer is not None and writer.group.committer is self:

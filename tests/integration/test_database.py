@@ -122,6 +122,15 @@ def _create(threads: list[int] | None = None) -> Callable[[Database], str]:
     return create
 
 
+def _refused_after_writing(ids: list[str]) -> Callable[[Database], str]:
+    """A write function that creates a Task (its id noted in `ids`), then fails."""
+    def refused(db: Database) -> str:
+        with db.write() as conn:
+            ids.append(Repository(conn).create(task()).id)
+            raise RuntimeError("refused after writing")
+    return refused
+
+
 def _count_commits(db: Database, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     commits: list[int] = []
     writer = db._writer
@@ -190,12 +199,8 @@ def test_loop_writer_failing_after_writing_is_undone_and_the_writers_before_it_r
     threads: list[int] = []
     broken_ids: list[str] = []
 
-    def broken(db: Database) -> str:
-        with db.write() as conn:
-            broken_ids.append(Repository(conn).create(task()).id)
-            raise RuntimeError("business rule broken halfway")
-
-    first, failed, third = _on_loop(_create(threads), broken, _create(threads), db=db)
+    first, failed, third = _on_loop(_create(threads), _refused_after_writing(broken_ids),
+                                    _create(threads), db=db)
 
     assert isinstance(failed, RuntimeError)
     assert len(threads) == 3  # the first writer ran twice, the third once
@@ -212,11 +217,7 @@ def test_after_an_undo_loop_writers_fail_alone_for_a_while(
     _sqlite_only(db)
     threads: list[int] = []
     undone: list[str] = []
-
-    def broken(db: Database) -> str:
-        with db.write() as conn:
-            undone.append(Repository(conn).create(task()).id)
-            raise RuntimeError("refused after writing")
+    broken = _refused_after_writing(undone)
 
     created = _create(threads)
     results = _on_loop(created, broken, created, broken, created, db=db)
