@@ -88,21 +88,21 @@ def _reject_null_complex_elements(model: Any, data: Any) -> Any:
     return data
 
 
-_after_checks: dict[type, tuple[tuple[str, ...], bool]] = {}
+@cache
+def _after_checks(model: Any) -> tuple[tuple[str, ...], bool]:
+    """(field names of the required primitives, whether there are choice elements) of a
+    model: fhir_core's lists, the same for every element of it, asked of an empty one."""
+    empty = model.model_construct()
+    field_names = empty.get_alias_mapping()
+    return (tuple(field_names[name] for name, _ in empty.get_required_fields()),
+            bool(empty.get_one_of_many_fields()))
 
 
 def _validate_after_model_construction(element: Any) -> Any:
     """fhir_core's checks of a built element, in its order: each required primitive has a
     value or an extension in its place (checked by fhir_core when one has no value), and
     at most one type of each choice element (value[x]) is given."""
-    model = type(element)
-    checks = _after_checks.get(model)
-    if checks is None:  # the first element of its model: the model's constant lists
-        field_names = element.get_alias_mapping()
-        checks = _after_checks[model] = (
-            tuple(field_names[name] for name, _ in element.get_required_fields()),
-            bool(element.get_one_of_many_fields()))
-    required, has_choices = checks
+    required, has_choices = _after_checks(element.__class__)
     if any(getattr(element, name) is None for name in required):
         element._validate_required_primitive_elements()
     if has_choices:

@@ -210,8 +210,7 @@ def test_loop_writer_failing_after_writing_is_undone_and_the_writers_before_it_r
     assert _count(db, change_log) == 2
 
 
-def test_after_an_undo_loop_writers_fail_alone_for_a_while(
-        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_after_an_undo_loop_writers_fail_alone_for_a_while(db: Database) -> None:
     """A stream of writes refused after writing must not make others run again and again:
     once a group was undone, loop writes take a SAVEPOINT for UNDO_CAREFUL_SECONDS."""
     _sqlite_only(db)
@@ -225,9 +224,8 @@ def test_after_an_undo_loop_writers_fail_alone_for_a_while(
     assert [isinstance(r, RuntimeError) for r in results] == [False, True, False, True, False]
     assert len(threads) == 4  # only the first writer ran again, after the first refusal
     assert _stored(db, *results[::2], *undone) == [True, True, True, False, False]
-    monkeypatch.setattr(database, "UNDO_CAREFUL_SECONDS", 0.0)
     assert db._writer is not None
-    db._writer._careful_until = 0.0
+    db._writer._careful_until = 0.0  # as once UNDO_CAREFUL_SECONDS have passed
     again = _on_loop(created, broken, db=db)
     assert len(threads) == 6  # no longer careful: the writer before the refusal ran again
     assert _stored(db, again[0]) == [True]
@@ -255,8 +253,7 @@ def test_later_write_of_a_loop_writer_fails_alone(
     assert _stored(db, first, kept, *undone) == [True, True, False]
 
 
-def test_write_after_a_loop_writers_failure_is_kept(
-        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_write_after_a_loop_writers_failure_is_kept(db: Database) -> None:
     """As a refused custody handoff records its stop: the failed write is undone with its
     group, and what the function writes next is committed."""
     _sqlite_only(db)

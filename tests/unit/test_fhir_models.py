@@ -68,8 +68,9 @@ def test_null_check_answers_as_fhir_cores_for_every_list_of_every_resource(
 @pytest.mark.parametrize("resource_type", sorted(fhir.r4_resource_types()))
 def test_after_check_answers_as_fhir_cores_for_every_resource(resource_type: str) -> None:
     model = fhir._model(resource_type)
-    required = [name for name, _ in model.model_construct().get_required_fields()]
-    choices = [names for names in model.model_construct().get_one_of_many_fields().values()]
+    empty = model.model_construct()
+    required = [name for name, _ in empty.get_required_fields()]
+    choices = list(empty.get_one_of_many_fields().values())
     given = {name: "x" for name in required}
     elements = [
         model.model_construct(),  # every required element missing
