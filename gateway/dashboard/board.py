@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 
 from gateway.dashboard.journeys import (
     Catalogue,
@@ -33,10 +33,9 @@ from gateway.dashboard.journeys import (
     summarise,
 )
 from gateway.dashboard.programme import Options, Programme, options_of, programme_of
-from gateway.store.database import Database, safe_position
+from gateway.store.database import Database, safe_position, settled_position
 from gateway.store.driver import Driver, changes_after
 from gateway.store.repository import Repository
-from gateway.store.schema import change_log
 
 __all__ = ["Board", "Filters", "Options", "Programme", "Viewer"]
 """What the pages import from here; the figures' own types are in programme.py."""
@@ -154,7 +153,7 @@ class Board:
             # The position first: whatever commits after it is read again on refresh.
             # Past the grace window's gaps (see _apply), the resources read next hold it.
             old_enough = self._old_enough(now)
-            settled = _settled_position(conn, old_enough)
+            settled = settled_position(conn, old_enough)
             position = safe_position(settled, self._changes_after(conn, settled), old_enough)
             reader = _Reader(conn)
             catalogue = catalogue_of(reader.all("PlanDefinition").values(),
@@ -275,24 +274,6 @@ def _updated_flags(reader: _Reader, flags: Mapping[str, dict[str, Any]],
     kept = {k: v for k, v in flags.items() if k not in changed}
     kept.update(_open_flags(reader.some("Flag", sorted(changed))))
     return kept
-
-
-def _settled_position(conn: Connection, old_enough: int) -> int:
-    """The last change written before the grace window (walking back from the newest):
-    anything before it is committed, or was rolled back long enough ago to be passed
-    (the orchestrator's rule)."""
-    before: int | None = None
-    while True:
-        query = select(change_log.c.seq, change_log.c.at).order_by(change_log.c.seq.desc())
-        if before is not None:
-            query = query.where(change_log.c.seq < before)
-        rows = conn.execute(query.limit(1000)).all()
-        if not rows:
-            return 0
-        settled = next((row.seq for row in rows if row.at <= old_enough), None)
-        if settled is not None:
-            return int(settled)
-        before = rows[-1].seq
 
 
 # -- reading the store in bulk -----------------------------------------------------------

@@ -142,6 +142,26 @@ def gap_cutoff(conn: Connection) -> int:
     return now if oldest is None else int(oldest) - CLOCK_MARGIN_MICROS
 
 
+_LAST_BEFORE = text("SELECT seq FROM change_log WHERE at <= :old_enough "
+                    "ORDER BY seq DESC LIMIT 1")
+
+
+def settled_position(conn: Connection, old_enough: int) -> int:
+    """Where a reactor reading the change log from now on may start: the last change
+    written at or before `old_enough` (µs; 0 if none). Every change numbered before it has
+    committed, or was rolled back long ago (with `old_enough` from gap_cutoff, less the
+    margin: no transaction open now can still number one). Walks back from the newest,
+    usually a few rows."""
+    return int(conn.execute(_LAST_BEFORE, {"old_enough": old_enough}).scalar() or 0)
+
+
+def start_position(conn: Connection) -> int:
+    """Where a reactor with no cursor yet may start, as of now: the settled position of
+    gap_cutoff, and a margin before now even with no writer open (a writer takes its
+    change's time a moment before it numbers the change)."""
+    return settled_position(conn, min(gap_cutoff(conn), now_micros() - CLOCK_MARGIN_MICROS))
+
+
 BUSY_ROUND_CHANGES = 4
 """A reactor to the change log (the orchestrator, subscription matching) that found at
 least this many changes made by others than itself in a round is busy: it lets the next

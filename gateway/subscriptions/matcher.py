@@ -25,7 +25,7 @@ from sqlalchemy import Connection, insert, select, update
 from gateway.errors import FhirError
 from gateway.services.context import Context
 from gateway.settings import Settings
-from gateway.store.database import Database, gap_cutoff, safe_position
+from gateway.store.database import Database, gap_cutoff, safe_position, start_position
 from gateway.store.driver import changes_after
 from gateway.store.repository import Actor, Repository
 from gateway.store.schema import change_log, reactor_cursors, subscription_events, subscriptions
@@ -124,13 +124,16 @@ class Matcher:
                                .where(reactor_cursors.c.name == CURSOR)).scalar()
             if seq is not None:
                 return int(seq)
-            # First start: nothing can match before the first Subscription was written.
+            # First start: nothing can match before the first Subscription was written,
+            # and a Subscription may be in a transaction still open, numbered before
+            # changes that have committed: start where no open transaction can number
+            # one. Starting a little early loses nothing: no events were made yet, and
+            # the changes before the first Subscription match none.
+            start = start_position(conn)  # before the read: see gap_cutoff
             first = conn.execute(select(change_log.c.seq)
                                  .where(change_log.c.res_type == "Subscription")
                                  .order_by(change_log.c.seq).limit(1)).scalar()
-            last = conn.execute(select(change_log.c.seq).order_by(change_log.c.seq.desc())
-                                .limit(1)).scalar()
-        return int(first - 1) if first is not None else int(last or 0)
+        return start if first is None else min(int(first) - 1, start)
 
     def _lock_cursor(self, conn: Connection, expected: int) -> bool:
         """Hold the cursor's row for this transaction; False when it has moved."""

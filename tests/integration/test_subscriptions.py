@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from gateway.settings import Settings
 from gateway.store.database import Database
@@ -492,3 +493,36 @@ def test_a_transaction_open_across_a_gap_loses_no_event(
     finally:
         db.dispose()
     assert receiver.event_numbers() == [1, 2, 3]
+
+
+def test_matching_started_while_a_subscription_is_being_written_serves_it(
+        settings: Settings, db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Matching's first start places its cursor: a Subscription written in a transaction
+    still open then, numbered before a change that has committed, is not passed over.
+    The clock margin is narrowed so that the committed change is older than it: the
+    open transaction alone must hold the cursor back."""
+    if settings.is_sqlite:
+        pytest.skip("SQLite commits changes in their order: no gap is ever open")
+    from gateway.store import database
+    from gateway.store.database import make_engine
+    from gateway.store.repository import Repository
+    from gateway.store.schema import subscriptions
+    from gateway.subscriptions.matcher import Matcher
+
+    writer = Database(make_engine(settings))
+    matcher = Matcher(db, settings.model_copy(update=subscription_settings(settings)))
+    try:
+        with writer.write() as conn:  # stays open while a later change commits
+            written = Repository(conn).create(subscription("http://127.0.0.1:9/hook"))
+            with db.write() as other:
+                Repository(other).create(task(description="committed first"))
+            monkeypatch.setattr(database, "CLOCK_MARGIN_MICROS", 200_000)
+            time.sleep(0.5)
+            matcher.run_once()  # the first round: the cursor is placed
+        matcher.run_once()
+        with db.read() as conn:
+            rows = conn.execute(select(subscriptions.c.id, subscriptions.c.status)).all()
+    finally:
+        matcher.close()
+        writer.dispose()
+    assert [tuple(row) for row in rows] == [(written.id, "requested")]
