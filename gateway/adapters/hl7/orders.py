@@ -13,15 +13,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, select
 
 from gateway.adapters.hl7 import messages
 from gateway.custody.coi import coi_of
 from gateway.settings import Settings
-from gateway.store.database import Database, safe_position
+from gateway.store.database import Database, gap_cutoff, safe_position, settled_position
 from gateway.store.driver import changes_after
 from gateway.store.repository import Repository
-from gateway.store.schema import change_log, reactor_cursors
+from gateway.store.schema import reactor_cursors
 from gateway.store.timeparse import now_micros
 from mappings import hl7v2
 from orchestration.protocol import STAGE_SYSTEM
@@ -85,8 +85,10 @@ class OrderBook:
                                   .where(reactor_cursors.c.name == CURSOR)).scalar()
             if stored is not None:
                 return int(stored)
-            end = int(conn.execute(select(func.coalesce(func.max(change_log.c.seq), 0)))
-                      .scalar_one())
+            # The end of the change log, but not past a change that a transaction still
+            # open (a ServiceRequest being written now) may be numbered before: that
+            # order is made when it commits.
+            end = settled_position(conn, gap_cutoff(conn))
             _save_cursor(conn, end)
             return end
 
