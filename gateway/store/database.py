@@ -16,7 +16,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -105,7 +105,7 @@ def is_transient(exc: BaseException) -> bool:
         TRANSIENT_SQLSTATES)
 
 
-def safe_position(cursor: int, rows: list[Any], old_enough: int) -> int:
+def safe_position(cursor: int, rows: Sequence[Any], old_enough: int) -> int:
     """How far a reactor may move its cursor over these change-log rows (in seq order):
     to the last seq before a gap. A PostgreSQL transaction still open when later ones
     committed fills its gap later; a gap whose next row is older than `old_enough` (µs)
@@ -147,19 +147,32 @@ _LAST_BEFORE = text("SELECT seq FROM change_log WHERE at <= :old_enough "
 
 
 def settled_position(conn: Connection, old_enough: int) -> int:
-    """Where a reactor reading the change log from now on may start: the last change
-    written at or before `old_enough` (µs; 0 if none). Every change numbered before it has
-    committed, or was rolled back long ago (with `old_enough` from gap_cutoff, less the
-    margin: no transaction open now can still number one). Walks back from the newest,
-    usually a few rows."""
+    """The last change written at or before `old_enough` (µs; 0 if none), walking back
+    from the newest. With `old_enough` from gap_cutoff, every change numbered before it
+    has committed or was rolled back: no transaction open now can still number one."""
     return int(conn.execute(_LAST_BEFORE, {"old_enough": old_enough}).scalar() or 0)
 
 
-def start_position(conn: Connection) -> int:
-    """Where a reactor with no cursor yet may start, as of now: the settled position of
-    gap_cutoff, and a margin before now even with no writer open (a writer takes its
-    change's time a moment before it numbers the change)."""
-    return settled_position(conn, min(gap_cutoff(conn), now_micros() - CLOCK_MARGIN_MICROS))
+_SEQS_AFTER = text("SELECT seq, at FROM change_log WHERE seq > :after "
+                   "ORDER BY seq LIMIT :limit")
+
+
+def start_position(conn: Connection, batch: int = 1000) -> int:
+    """Where a reactor with no cursor yet starts, as of now: the end of the change log,
+    unless a transaction still open may fill a gap before it (then just before the
+    gap). From the settled position, the walk forward passes gaps as rounds do, against
+    gap_cutoff, and a clock margin even with no writer open: a writer takes its change's
+    time a moment before it numbers the change."""
+    cutoff = min(gap_cutoff(conn), now_micros() - CLOCK_MARGIN_MICROS)  # before the reads
+    position = settled_position(conn, cutoff)
+    while True:
+        rows = conn.execute(_SEQS_AFTER, {"after": position, "limit": batch}).all()
+        if not rows:
+            return position
+        moved = safe_position(position, rows, cutoff)
+        if moved < rows[-1].seq or len(rows) < batch:
+            return moved
+        position = moved
 
 
 BUSY_ROUND_CHANGES = 4

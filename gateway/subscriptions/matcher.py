@@ -125,11 +125,9 @@ class Matcher:
             if seq is not None:
                 return int(seq)
             # First start: nothing can match before the first Subscription was written,
-            # and a Subscription may be in a transaction still open, numbered before
-            # changes that have committed: start where no open transaction can number
-            # one. Starting a little early loses nothing: no events were made yet, and
-            # the changes before the first Subscription match none.
-            start = start_position(conn)  # before the read: see gap_cutoff
+            # and one may be in a transaction still open, numbered before changes that
+            # have committed (start_position stops short of its gap).
+            start = start_position(conn)
             first = conn.execute(select(change_log.c.seq)
                                  .where(change_log.c.res_type == "Subscription")
                                  .order_by(change_log.c.seq).limit(1)).scalar()

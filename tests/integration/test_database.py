@@ -10,12 +10,13 @@ from contextlib import suppress
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
+from gateway.settings import Settings
 from gateway.store import database
-from gateway.store.database import Database
+from gateway.store.database import Database, make_engine
 from gateway.store.repository import Repository
-from gateway.store.schema import change_log, resources
+from gateway.store.schema import change_log, reactor_cursors, resources
 from tests.factories import task
 
 
@@ -305,3 +306,40 @@ def test_a_write_on_the_loop_waits_its_turn_behind_a_threaded_writer(db: Databas
     with db.read() as conn:
         assert Repository(conn).read("Task", created) is not None
     assert _count(db) == 2
+
+
+def test_a_reactor_starts_at_the_end_unless_an_open_transaction_may_fill_a_gap(
+        db: Database, settings: Settings) -> None:
+    """start_position: the newest change, also while a writer elsewhere (another
+    schema, another database) holds a transaction open; just before a gap that a
+    transaction still open may fill."""
+    def start() -> int:
+        with db.read() as conn:
+            return database.start_position(conn, batch=2)  # the walk crosses batches
+
+    def last() -> int:
+        with db.read() as conn:
+            return int(conn.execute(select(func.max(change_log.c.seq))).scalar_one())
+
+    with db.write() as conn:
+        Repository(conn).create(task())
+    assert start() == last()
+    if settings.is_sqlite:
+        return  # one writer at a time, committing in order: the rest is PostgreSQL's
+    elsewhere = Database(make_engine(settings))
+    try:
+        with elsewhere.write() as other:  # a writer open before the changes below
+            other.execute(insert(reactor_cursors).values(name="elsewhere", seq=0,
+                                                         updated_at=0))
+            for _ in range(5):
+                with db.write() as conn:
+                    Repository(conn).create(task())
+            assert start() == last()
+            with elsewhere.write() as slow:  # numbered now, committed last
+                Repository(slow).create(task())
+                with db.write() as conn:
+                    Repository(conn).create(task())
+                assert start() == last() - 2
+            assert start() == last()
+    finally:
+        elsewhere.dispose()

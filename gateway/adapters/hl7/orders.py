@@ -18,7 +18,7 @@ from sqlalchemy import Connection, select
 from gateway.adapters.hl7 import messages
 from gateway.custody.coi import coi_of
 from gateway.settings import Settings
-from gateway.store.database import Database, gap_cutoff, safe_position, settled_position
+from gateway.store.database import Database, safe_position, start_position
 from gateway.store.driver import changes_after
 from gateway.store.repository import Repository
 from gateway.store.schema import reactor_cursors
@@ -85,10 +85,9 @@ class OrderBook:
                                   .where(reactor_cursors.c.name == CURSOR)).scalar()
             if stored is not None:
                 return int(stored)
-            # The end of the change log, but not past a change that a transaction still
-            # open (a ServiceRequest being written now) may be numbered before: that
-            # order is made when it commits.
-            end = settled_position(conn, gap_cutoff(conn))
+            # Not past a gap that a transaction still open (a ServiceRequest being
+            # written now) may fill: that order is made when it commits.
+            end = start_position(conn)
             _save_cursor(conn, end)
             return end
 
