@@ -16,7 +16,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ from sqlalchemy.pool import QueuePool
 from starlette.concurrency import run_in_threadpool
 
 from gateway.settings import Settings
+from gateway.store.driver import changes_after
 from gateway.store.timeparse import now_micros
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def is_transient(exc: BaseException) -> bool:
         TRANSIENT_SQLSTATES)
 
 
-def safe_position(cursor: int, rows: Sequence[Any], old_enough: int) -> int:
+def safe_position(cursor: int, rows: list[Any], old_enough: int) -> int:
     """How far a reactor may move its cursor over these change-log rows (in seq order):
     to the last seq before a gap. A PostgreSQL transaction still open when later ones
     committed fills its gap later; a gap whose next row is older than `old_enough` (µs)
@@ -153,10 +154,6 @@ def settled_position(conn: Connection, old_enough: int) -> int:
     return int(conn.execute(_LAST_BEFORE, {"old_enough": old_enough}).scalar() or 0)
 
 
-_SEQS_AFTER = text("SELECT seq, at FROM change_log WHERE seq > :after "
-                   "ORDER BY seq LIMIT :limit")
-
-
 def start_position(conn: Connection, batch: int = 1000) -> int:
     """Where a reactor with no cursor yet starts, as of now: the end of the change log,
     unless a transaction still open may fill a gap before it (then just before the
@@ -166,7 +163,7 @@ def start_position(conn: Connection, batch: int = 1000) -> int:
     cutoff = min(gap_cutoff(conn), now_micros() - CLOCK_MARGIN_MICROS)  # before the reads
     position = settled_position(conn, cutoff)
     while True:
-        rows = conn.execute(_SEQS_AFTER, {"after": position, "limit": batch}).all()
+        rows = changes_after(conn, position, batch)
         if not rows:
             return position
         moved = safe_position(position, rows, cutoff)
